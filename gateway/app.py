@@ -1,0 +1,90 @@
+"""The ASGI application: wires settings, catalog, upstreams and admission to the routes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.routing import Route
+
+from gateway import __version__
+from gateway.admission import Admission
+from gateway.catalog import Catalog, ModelSpec
+from gateway.edits import EditsEndpoint
+from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.settings import Settings, load_settings
+from gateway.upstream import Upstreams
+
+
+def create_app(settings: Settings | None = None, admission: Admission | None = None) -> FastAPI:
+    """Build the app; with no arguments, settings come from GATEWAY_CONFIG and the environment."""
+    settings = settings or load_settings()
+    catalog = Catalog.from_settings(settings)
+    upstreams = Upstreams(settings)
+    admission = admission or Admission()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await upstreams.aclose()
+        await admission.aclose()
+
+    app = FastAPI(title="image-gateway", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.state.catalog = catalog
+    edits = EditsEndpoint(settings, catalog, upstreams, admission)
+    app.router.routes.append(Route("/v1/images/edits", edits, methods=["POST"]))
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, object]:
+        return {"object": "list", "data": [_model(m) for m in catalog.models.values()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict[str, object]:
+        spec = catalog.models.get(model)
+        if spec is None:
+            raise NotFound(f"The model '{model}' does not exist.", param="model",
+                           code="model_not_found")
+        return _model(spec)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_exception_handler(GatewayError, _gateway_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    return app
+
+
+def _model(spec: ModelSpec) -> dict[str, object]:
+    return {"id": spec.name, "object": "model", "created": spec.created, "owned_by": spec.owned_by}
+
+
+def _error_response(exc: GatewayError) -> Response:
+    return Response(exc.body(), status_code=exc.status, media_type="application/json",
+                    headers=exc.headers)
+
+
+async def _gateway_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, GatewayError)
+    return _error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return _error_response(NotFound(f"Unknown path: {request.method} {request.url.path}."))
+    if exc.status_code == 405:
+        return _error_response(MethodNotAllowed(f"Method {request.method} is not allowed here."))
+    return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                                   "param": None, "code": None}}, status_code=exc.status_code)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    return _error_response(InvalidRequest(str(exc)))

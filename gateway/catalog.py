@@ -1,0 +1,274 @@
+"""The model catalog: what each model accepts, as data (gateway/catalog.toml, amended by config).
+
+The route never asks "is this dall-e-2?"; it asks the model's spec. Adding or changing a model is
+an edit to `[models.NAME]` in the config file, not to code.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gateway.errors import InvalidRequest, SettingsError
+from gateway.settings import Settings, describe_validation_error
+
+IMAGE_FORMATS = ("png", "jpeg", "webp")
+_SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
+
+
+class FieldRule(BaseModel):
+    """How one optional text field is checked and normalized for one model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["enum", "int", "bool", "text", "size"]
+    values: tuple[str, ...] = ()
+    min: int | None = None
+    max: int | None = None
+    max_chars: int | None = Field(None, ge=1)
+    # A size rule: any WxH whose sides are multiples of `multiple_of`, within these bounds.
+    multiple_of: int | None = Field(None, ge=1)
+    max_side: int | None = Field(None, ge=1)
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+    max_aspect: float | None = Field(None, ge=1)
+    # Filled in upstream when the client leaves the field out; also used by `requires` checks.
+    default: str | None = None
+    # Accepted from clients and never sent upstream (response_format for always-base64 models).
+    drop: bool = False
+    # When set (and, with `when`, only for those values): other fields must hold one of these.
+    requires: dict[str, tuple[str, ...]] = {}
+    when: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _infer_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "kind" not in data:
+            data = dict(data)
+            if any(k in data for k in ("multiple_of", "max_side", "min_pixels", "max_pixels")):
+                data["kind"] = "size"
+            elif "values" in data:
+                data["kind"] = "enum"
+            elif "min" in data or "max" in data:
+                data["kind"] = "int"
+            else:
+                data["kind"] = "text"
+        if isinstance(data, dict) and data.get("default") is not None:
+            data = {**data, "default": str(data["default"]).lower()}
+        return data
+
+    def normalize(self, name: str, raw: str) -> str:
+        """The value as it goes upstream, or InvalidRequest naming the field."""
+        if self.kind == "text":
+            if self.max_chars is not None and len(raw) > self.max_chars:
+                raise InvalidRequest(f"'{name}' is longer than {self.max_chars} characters.",
+                                     param=name, code="string_above_max_length")
+            return raw
+        value = raw.strip().lower()
+        if self.kind == "int":
+            return self._integer(name, value)
+        if self.kind == "bool":
+            if value in ("true", "false"):
+                return value
+            raise _invalid(name, raw, ("true", "false"))
+        if value in self.values:
+            return value
+        if self.kind == "size" and (m := _SIZE.fullmatch(value)):
+            self._check_size(name, raw, int(m[1]), int(m[2]))
+            return value
+        raise _invalid(name, raw, self.values)
+
+    def _integer(self, name: str, value: str) -> str:
+        try:
+            number = int(value, 10)
+        except ValueError:
+            raise InvalidRequest(f"Invalid type for '{name}': expected an integer, got '{value}'.",
+                                 param=name, code="invalid_type") from None
+        if (self.min is not None and number < self.min) or (
+            self.max is not None and number > self.max
+        ):
+            raise InvalidRequest(
+                f"Invalid '{name}': {number} is not between {self.min} and {self.max}.",
+                param=name, code="integer_out_of_range")
+        return str(number)
+
+    def _check_size(self, name: str, raw: str, w: int, h: int) -> None:
+        problems = []
+        if self.multiple_of and (w % self.multiple_of or h % self.multiple_of):
+            problems.append(f"both sides must be multiples of {self.multiple_of}")
+        if self.max_side and max(w, h) > self.max_side:
+            problems.append(f"the longer side must be at most {self.max_side}")
+        if w == 0 or h == 0:
+            problems.append("both sides must be positive")
+        elif self.max_aspect and max(w, h) / min(w, h) > self.max_aspect:
+            problems.append(f"the aspect ratio must be at most {self.max_aspect:g}:1")
+        if self.min_pixels and w * h < self.min_pixels:
+            problems.append(f"it must have at least {self.min_pixels} pixels")
+        if self.max_pixels and w * h > self.max_pixels:
+            problems.append(f"it must have at most {self.max_pixels} pixels")
+        if self.kind != "size" or problems:
+            detail = "; ".join(problems) or "it is not one of the supported sizes"
+            raise InvalidRequest(f"Invalid size '{raw}': {detail}.", param=name)
+
+
+def _invalid(name: str, raw: str, allowed: Iterable[str]) -> InvalidRequest:
+    choices = ", ".join(f"'{v}'" for v in allowed)
+    return InvalidRequest(f"Invalid value: '{raw}'. Supported values are: {choices}.", param=name)
+
+
+class MaskRule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    formats: tuple[Literal["png", "jpeg", "webp"], ...] = ("png",)
+    max_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    require_alpha: bool = True
+    match_first_image: bool = True
+
+
+class ModelSpec(BaseModel):
+    """One model's contract; the catalog's values are defaults an operator can change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    enabled: bool = True
+    owned_by: str = "openai"
+    created: int = 0
+    upstream: str = "default"
+    upstream_model: str | None = Field(None, description="name sent upstream, if not `name`")
+    prompt_max_chars: int = Field(32000, ge=1)
+    max_images: int = Field(16, ge=1)
+    max_image_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    image_formats: tuple[Literal["png", "jpeg", "webp"], ...] = IMAGE_FORMATS
+    max_image_side: int = Field(16384, ge=1)
+    square_images: bool = False
+    mask: MaskRule | None = MaskRule()
+    fields: dict[str, FieldRule] = {}
+    # Pass text fields the spec does not name through unchecked (unknown models, or by setting).
+    open_fields: bool = False
+
+    @property
+    def max_request_bytes(self) -> int:
+        mask = self.mask.max_bytes if self.mask else 0
+        return self.max_images * self.max_image_bytes + mask
+
+    def check_combination(self, values: Mapping[str, str], sent: Iterable[str]) -> None:
+        """Cross-field rules (`requires`) for the fields the client sent."""
+        for name in sent:
+            rule = self.fields.get(name)
+            if rule is None or not rule.requires or (rule.when and values[name] not in rule.when):
+                continue
+            for other, allowed in rule.requires.items():
+                if values.get(other) not in allowed:
+                    want = " or ".join(allowed)
+                    raise InvalidRequest(
+                        f"'{name}={values[name]}' requires '{other}' to be {want}.", param=name)
+
+
+class Catalog:
+    """The enabled models by name, plus what the route needs to judge names it does not know."""
+
+    def __init__(self, models: Iterable[ModelSpec], *, default_model: str,
+                 passthrough: ModelSpec | None = None) -> None:
+        self.models = {m.name: m for m in models if m.enabled}
+        self.default_model = default_model
+        self.passthrough = passthrough
+        # Fields some model takes: a field outside this set is "unknown", inside it "unsupported".
+        self.known_fields = frozenset(f for m in self.models.values() for f in m.fields)
+
+    def resolve(self, name: str | None) -> ModelSpec:
+        name = self.default_model if name is None else name.strip()
+        spec = self.models.get(name)
+        if spec is not None:
+            return spec
+        if self.passthrough is not None and name:
+            return self.passthrough.model_copy(update={"name": name})
+        choices = ", ".join(f"'{m}'" for m in self.models)
+        raise InvalidRequest(f"Invalid value: '{name}'. Supported values are: {choices}.",
+                             param="model")
+
+    @property
+    def max_request_bytes(self) -> int:
+        specs = list(self.models.values()) + ([self.passthrough] if self.passthrough else [])
+        return max(m.max_request_bytes for m in specs)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Catalog:
+        raw = _load_raw(settings)
+        upstreams = {"default", *settings.upstreams}
+        specs = []
+        for name in raw:
+            table = _resolve_extends(raw, name, ())
+            table.pop("extends", None)
+            if table.get("mask") is False:
+                table["mask"] = None
+            table["fields"] = {k: v for k, v in table.get("fields", {}).items() if v is not False}
+            if settings.unknown_fields == "pass":
+                table["open_fields"] = True
+            try:
+                spec = ModelSpec(name=name, **table)
+            except ValidationError as exc:
+                raise SettingsError(
+                    f"catalog model '{name}': " + describe_validation_error(exc)) from None
+            if spec.upstream not in upstreams:
+                raise SettingsError(f"catalog model '{name}': upstream '{spec.upstream}' is not "
+                                    f"defined (define [upstreams.{spec.upstream}])")
+            specs.append(spec)
+        passthrough = None
+        if settings.unknown_models == "pass":
+            biggest = max(specs, key=lambda m: m.max_image_bytes, default=None)
+            passthrough = ModelSpec(
+                name="*", owned_by="passthrough", open_fields=True,
+                mask=MaskRule(formats=IMAGE_FORMATS, require_alpha=False, match_first_image=False),
+                max_image_bytes=biggest.max_image_bytes if biggest else 50 * 1024 * 1024)
+        catalog = cls(specs, default_model=settings.default_model, passthrough=passthrough)
+        if settings.default_model not in catalog.models and passthrough is None:
+            raise SettingsError(
+                f"invalid setting default_model (GATEWAY_DEFAULT_MODEL): '{settings.default_model}'"
+                " is not an enabled model of the catalog")
+        return catalog
+
+
+def _load_raw(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Shipped (or `catalog_file`) models, with the config's `[models.NAME]` tables merged over."""
+    try:
+        if settings.catalog_file is not None:
+            text = settings.catalog_file.read_text()
+        else:
+            text = resources.files("gateway").joinpath("catalog.toml").read_text()
+        base = tomllib.loads(text).get("models", {})
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"catalog file cannot be read: {exc}") from None
+    for name, table in settings.models.items():
+        base[name] = _merge(base.get(name, {}), table)
+    return base
+
+
+def _resolve_extends(raw: Mapping[str, dict[str, Any]], name: str,
+                     seen: tuple[str, ...]) -> dict[str, Any]:
+    table = raw[name]
+    parent = table.get("extends")
+    if parent is None:
+        return dict(table)
+    if parent not in raw:
+        raise SettingsError(f"catalog model '{name}': extends unknown model '{parent}'")
+    if parent in seen or parent == name:
+        raise SettingsError(f"catalog model '{name}': 'extends' forms a cycle")
+    inherited = _resolve_extends(raw, parent, (*seen, name))
+    inherited.pop("enabled", None)
+    return _merge(inherited, table)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

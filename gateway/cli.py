@@ -1,0 +1,61 @@
+"""The `gateway` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from gateway.errors import SettingsError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible image gateway")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server")
+    serve.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
+    serve.add_argument("--config", help="TOML config file (GATEWAY_CONFIG)")
+    args = parser.parse_args(argv)
+    try:
+        return _serve(args)
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.catalog import Catalog
+    from gateway.settings import load_settings
+    from gateway.upstream import Upstreams
+
+    if args.config:
+        # Workers are separate processes that load settings themselves, from the environment.
+        os.environ["GATEWAY_CONFIG"] = args.config
+    overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
+    for key, value in overrides.items():
+        os.environ[f"GATEWAY_{key.upper()}"] = str(value)
+    settings = load_settings()
+    Catalog.from_settings(settings)  # every setting mistake surfaces here, as one line
+    Upstreams(settings)
+    uvicorn.run(
+        "gateway.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        log_level=settings.log_level,
+        server_header=False,
+        proxy_headers=False,
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

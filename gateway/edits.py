@@ -1,0 +1,634 @@
+"""POST /v1/images/edits: a raw ASGI endpoint that validates while it streams.
+
+The body is parsed as it arrives. Text fields that come before the files are validated before
+any byte goes upstream; files that come before the fields wait in a spool. Once the model and
+prompt are known (at the first file part after them, or at the end of the body) the request is
+admitted and the upstream request opens with a body generator that keeps reading the client.
+The upstream's closing boundary is written only after every check has passed, so a request found
+wrong mid-stream is cut off and never completed upstream.
+
+Raw ASGI rather than a FastAPI route: no per-request middleware, dependency solving or double
+parsing on the hot path, and direct access to `receive` for disconnect handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import httpx
+
+from gateway.admission import Admission, EditRequest, Outcome, Principal, Ticket
+from gateway.catalog import Catalog, ModelSpec
+from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, UpstreamUnavailable
+from gateway.multipart import (
+    PART_DATA,
+    PART_START,
+    MultipartReader,
+    MultipartWriter,
+    Part,
+    boundary_of,
+)
+from gateway.settings import Settings
+from gateway.sniff import ImageError, ImageInfo, sniff
+from gateway.upstream import Upstreams, transport_error
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("gateway.edits")
+
+_IMAGE_NAME = re.compile(r"image(\[\d*\])?")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+# Upstream answer headers worth passing on; hop-by-hop and rate-limit headers are the gateway's.
+_PASS_HEADERS = ("content-type", "content-length", "cache-control", "openai-processing-ms",
+                 "openai-version")
+_STREAM_ERROR = b"event: error\ndata: %s\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected; there is nobody left to answer."""
+
+
+@dataclass(slots=True)
+class Upload:
+    """One file part: where it is in the request and what its bytes turned out to be."""
+
+    kind: str  # "image" | "mask"
+    param: str  # how errors name it: image, image[1], mask
+    index: int
+    head: bytearray  # bytes kept until the header is sniffed
+    info: ImageInfo | None = None
+    size: int = 0
+    spool_start: int = 0
+
+    @property
+    def filename(self) -> str:
+        ext = _EXTENSIONS[self.info.format] if self.info else "bin"
+        return f"mask.{ext}" if self.kind == "mask" else f"image_{self.index}.{ext}"
+
+
+class EditsEndpoint:
+    """The ASGI app for POST /v1/images/edits; one instance serves every request."""
+
+    def __init__(self, settings: Settings, catalog: Catalog, upstreams: Upstreams,
+                 admission: Admission) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.upstreams = upstreams
+        self.admission = admission
+        # Default: the largest request the catalog allows, plus room for text fields and framing.
+        self.max_body = settings.max_body_bytes or catalog.max_request_bytes + 1024 * 1024
+        self.max_file_bytes = max(
+            max(m.max_image_bytes, m.mask.max_bytes if m.mask else 0)
+            for m in [*catalog.models.values(), *filter(None, [catalog.passthrough])])
+        self.max_images = max(m.max_images for m in catalog.models.values())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = _headers(scope)
+        rid = headers.get("x-request-id", "")
+        request_id = rid if _REQUEST_ID.fullmatch(rid) else f"req_{uuid.uuid4().hex}"
+        edit = _Edit(self, receive, request_id)
+        try:
+            await edit.run(headers, send)
+        except GatewayError as exc:
+            await edit.fail(send, exc)
+        except ClientGone:
+            log.info("client disconnected", extra={"request_id": request_id})
+        except httpx.TransportError as exc:
+            # The upstream broke off a JSON answer already under way: returning without
+            # completing it makes the server cut the connection, so the client sees a broken
+            # response rather than a wrong one.
+            log.warning("upstream failed mid-answer: %r", exc, extra={"request_id": request_id})
+        finally:
+            edit.close()
+
+
+class _Edit:
+    """The state of one edit request, from the first body byte to the last answer byte."""
+
+    def __init__(self, endpoint: EditsEndpoint, receive: Receive, request_id: str) -> None:
+        self.ep = endpoint
+        self.receive = receive
+        self.request_id = request_id
+        self.settings = endpoint.settings
+        self.received = 0
+        self.body_done = asyncio.Event()
+        self.response_started = False
+        self.response_done = False
+        self.fields: dict[str, str] = {}  # raw text fields before the model is known
+        self.values: dict[str, str] = {}  # normalized values, defaults included, for checks
+        self.sent: list[str] = []  # fields the client sent, in order
+        self.uploads: list[Upload] = []
+        self.images = 0
+        self.first_image_name = ""
+        self.image_field = ""  # the upstream name of image parts, once decided
+        self.spec: ModelSpec | None = None
+        self.spool: IO[bytes] | None = None
+        self.writer = MultipartWriter()
+        self._part: Part | None = None
+        self._text = bytearray()
+        self._upload: Upload | None = None
+        self._reader: MultipartReader | None = None
+
+    # ----------------------------------------------------------------------------- the flow
+    async def run(self, headers: dict[str, str], send: Send) -> None:
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.ep.max_body:
+            raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
+        boundary = boundary_of(headers.get("content-type"))
+        principal = await self.ep.admission.authenticate(headers.get("authorization"))
+        self._reader = MultipartReader(
+            boundary, max_parts=self.settings.max_parts,
+            max_header_bytes=self.settings.max_part_header_bytes)
+        events = self._events()
+        live = await self._read_until_ready(events)
+        spec = self.spec or self._accept_fields()
+        if live is None:
+            self._final_checks()  # the whole body is read: nothing invalid opens the upstream
+        ticket = await self._admit(principal, spec)
+        outcome = Outcome(answered=False)
+        try:
+            await self._race_disconnect(self._forward(events, live, ticket, send, outcome))
+        finally:
+            await ticket.finish(outcome)
+
+    async def _admit(self, principal: Principal, spec: ModelSpec) -> Ticket:
+        n = int(self.values.get("n", "1"))
+        stream = self.values.get("stream") == "true"
+        return await self.ep.admission.admit(
+            principal, EditRequest(self.request_id, spec, n, stream))
+
+    async def _forward(self, events: AsyncIterator[tuple[int, Any]], live: Part | None,
+                       ticket: Ticket, send: Send, outcome: Outcome) -> None:
+        assert self.spec is not None
+        upstream = self.ep.upstreams[self.spec.upstream]
+        request = upstream.edit_request(
+            self._upstream_body(events, live), self.writer.content_type, self.request_id)
+        try:
+            response = await upstream.client.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise transport_error(exc, upstream.name) from None
+        try:
+            outcome.answered = True
+            outcome.status = response.status_code
+            await self._relay(response, ticket, send)
+        finally:
+            await response.aclose()
+
+    async def _race_disconnect(self, work: Awaitable[None]) -> None:
+        """Run work, cancelling it when the client leaves after its body was read."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(self._wait_disconnect())
+        try:
+            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and not self.response_done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise ClientGone
+            await task
+        finally:
+            watcher.cancel()
+            if not task.done():
+                task.cancel()
+
+    async def _wait_disconnect(self) -> None:
+        await self.body_done.wait()
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+
+    # ------------------------------------------------------------------------- reading
+    async def _events(self) -> AsyncIterator[tuple[int, Any]]:
+        """Multipart events from the client's body, counting bytes against the limit."""
+        assert self._reader is not None
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            self.received += len(chunk)
+            if self.received > self.ep.max_body:
+                raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
+            for event in self._reader.feed(chunk):
+                yield event
+            if not message.get("more_body", False):
+                self._reader.close()
+                self.body_done.set()
+                return
+
+    async def _read_until_ready(self, events: AsyncIterator[tuple[int, Any]]) -> Part | None:
+        """Read (spooling files) until the fields are known; returns the file part to stream live."""
+        async for kind, payload in events:
+            if kind == PART_START:
+                if payload.is_file and self._ready(payload):
+                    return payload
+                self._start_part(payload)
+            elif kind == PART_DATA:
+                self._part_data(payload)
+            else:
+                self._end_part()
+        return None
+
+    def _ready(self, part: Part) -> bool:
+        """Fields are final enough to stream: model and prompt seen and the combination valid.
+
+        A combination that fails may still be fixed by a later field (curl sends fields in any
+        order), so it keeps the request spooling; the end of the body decides.
+        """
+        if "model" not in self.fields or "prompt" not in self.fields:
+            return False
+        spec = self._accept_fields(final=False)
+        if spec is None:
+            return False
+        self._check_image_count(part)
+        return True
+
+    def _start_part(self, part: Part) -> None:
+        self._part = part
+        name = part.name
+        is_image = _IMAGE_NAME.fullmatch(name) is not None
+        if is_image or name == "mask":
+            if not part.is_file:
+                raise InvalidRequest(f"'{name}' must be a file.", param=name)
+            if part.filename and len(part.filename) > self.settings.max_filename_chars:
+                raise InvalidRequest("File name is too long.", param=name)
+            self._upload = self._new_upload("image" if is_image else "mask", name)
+        elif part.is_file:
+            raise InvalidRequest(f"'{name}' must be a text field, not a file.", param=name)
+        else:
+            if name in self.fields or name in self.sent:
+                raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name,
+                                     code="duplicate_parameter")
+            self._text.clear()
+
+    def _new_upload(self, kind: str, client_name: str) -> Upload:
+        if kind == "mask":
+            if any(u.kind == "mask" for u in self.uploads):
+                raise InvalidRequest("Duplicate parameter: 'mask'.", param="mask",
+                                     code="duplicate_parameter")
+            upload = Upload("mask", "mask", 0, bytearray())
+        else:
+            index = self.images
+            self.images += 1
+            if index == 0:
+                self.first_image_name = client_name
+            param = "image" if index == 0 and client_name == "image" else f"image[{index}]"
+            if self.image_field == "image":
+                raise InvalidRequest(
+                    "Duplicate parameter: 'image'. Send several images as 'image[]', or send the"
+                    " files before the text fields.", param=param, code="duplicate_parameter")
+            limit = self.spec.max_images if self.spec else self.ep.max_images
+            if index >= limit:
+                raise InvalidRequest(f"Too many images: at most {limit} are accepted.",
+                                     param=param, code="too_many_images")
+            upload = Upload("image", param, index, bytearray())
+        if self.spec is None:
+            upload.spool_start = self._spool().tell()
+        self.uploads.append(upload)
+        return upload
+
+    def _part_data(self, data: bytes) -> bytes | None:
+        """Take a chunk of the current part; returns bytes to send upstream when streaming live."""
+        upload = self._upload
+        if upload is None:
+            self._text += data
+            if len(self._text) > self.settings.max_field_bytes:
+                assert self._part is not None
+                raise InvalidRequest(f"'{self._part.name}' is too long.", param=self._part.name,
+                                     code="string_above_max_length")
+            return None
+        upload.size += len(data)
+        limit = self._size_limit(upload)
+        if upload.size > limit:
+            raise InvalidRequest(f"'{upload.param}' is larger than {limit} bytes.",
+                                 param=upload.param, code="image_too_large")
+        out = None
+        if upload.info is None:
+            upload.head += data
+            self._sniff(upload, final=False)
+            if upload.info is not None and self.spec is not None:
+                out = self._file_head(upload) + upload.head
+                upload.head = bytearray()
+        elif self.spec is not None:
+            out = data
+        if self.spec is None:
+            self._spool().write(data)
+            if upload.info is not None:
+                upload.head = bytearray()
+        return out
+
+    def _end_part(self) -> bytes | None:
+        """Finish the current part; returns bytes to send upstream when streaming live."""
+        upload, self._upload = self._upload, None
+        if upload is None:
+            assert self._part is not None
+            name = self._part.name
+            try:
+                value = self._text.decode()
+            except UnicodeDecodeError:
+                raise InvalidRequest(f"'{name}' is not valid UTF-8.", param=name) from None
+            if self.spec is None:
+                self.fields[name] = value
+                return None
+            return self._late_field(name, value)
+        out = b""
+        if upload.info is None:
+            self._sniff(upload, final=True)
+            if self.spec is not None:
+                out = self._file_head(upload) + upload.head
+            upload.head = bytearray()
+        if self.spec is None:
+            return None
+        self._check_mask()
+        return out + self.writer.file_tail
+
+    def _sniff(self, upload: Upload, *, final: bool) -> None:
+        try:
+            upload.info = sniff(upload.head, final=final)
+        except ImageError as exc:
+            raise InvalidRequest(f"Invalid '{upload.param}': {exc}.", param=upload.param,
+                                 code="invalid_image_format") from None
+        if upload.info is not None and self.spec is not None:
+            self._check_upload(upload)
+
+    def _spool(self) -> IO[bytes]:
+        if self.spool is None:
+            # An unnamed temp file (O_TMPFILE, mode 0600) once past the memory bound: nothing to
+            # clean up even if the process dies. Writes hit the page cache, so they stay inline.
+            self.spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in close()
+                max_size=self.settings.spool_memory_bytes, dir=self.settings.spool_dir)
+        return self.spool
+
+    # ---------------------------------------------------------------------- validation
+    def _accept_fields(self, *, final: bool = True) -> ModelSpec | None:
+        """Validate the text fields read so far against the model; None if not final and the
+        combination is not valid yet."""
+        spec = self.ep.catalog.resolve(self.fields.get("model"))
+        prompt = self.fields.get("prompt")
+        if prompt is None or not prompt.strip():
+            raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt",
+                                 code="missing_required_parameter")
+        if len(prompt) > spec.prompt_max_chars:
+            raise InvalidRequest(
+                f"'prompt' is longer than {spec.prompt_max_chars} characters for {spec.name}.",
+                param="prompt", code="string_above_max_length")
+        values = {"model": spec.upstream_model or spec.name, "prompt": prompt}
+        sent = []
+        for name, raw in self.fields.items():
+            if name not in values:
+                values[name] = self._normalize(spec, name, raw)
+                sent.append(name)
+        try:
+            spec.check_combination(self._with_defaults(spec, values), sent)
+        except InvalidRequest:
+            if final:
+                raise
+            return None
+        self.spec, self.values, self.sent = spec, values, sent
+        self.fields = {}
+        for upload in self.uploads:
+            if upload.info is not None:
+                self._check_upload(upload)
+            if upload.size > self._size_limit(upload):
+                limit = self._size_limit(upload)
+                raise InvalidRequest(f"'{upload.param}' is larger than {limit} bytes.",
+                                     param=upload.param, code="image_too_large")
+        if self.images > spec.max_images:
+            param = f"image[{spec.max_images}]"
+            raise InvalidRequest(f"Too many images: {spec.name} takes at most {spec.max_images}.",
+                                 param=param, code="too_many_images")
+        return spec
+
+    def _normalize(self, spec: ModelSpec, name: str, raw: str) -> str:
+        rule = spec.fields.get(name)
+        if rule is not None:
+            return rule.normalize(name, raw)
+        if spec.open_fields:
+            return raw
+        if name in self.ep.catalog.known_fields:
+            raise InvalidRequest(f"'{name}' is not supported by model '{spec.name}'.", param=name,
+                                 code="unsupported_parameter")
+        raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name, code="unknown_parameter")
+
+    @staticmethod
+    def _with_defaults(spec: ModelSpec, values: dict[str, str]) -> dict[str, str]:
+        out = dict(values)
+        for name, rule in spec.fields.items():
+            if rule.default is not None and name not in out:
+                out[name] = rule.default
+        return out
+
+    def _late_field(self, name: str, raw: str) -> bytes:
+        """A text field after streaming began: checked alone now, in combination at the end."""
+        assert self.spec is not None
+        if name in ("model", "prompt"):
+            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name,
+                                 code="duplicate_parameter")
+        self.values[name] = self._normalize(self.spec, name, raw)
+        self.sent.append(name)
+        return b""
+
+    def _size_limit(self, upload: Upload) -> int:
+        spec = self.spec
+        if spec is None:
+            return self.ep.max_file_bytes
+        if upload.kind == "mask":
+            return spec.mask.max_bytes if spec.mask else 0
+        return spec.max_image_bytes
+
+    def _check_image_count(self, part: Part) -> None:
+        assert self.spec is not None
+        if _IMAGE_NAME.fullmatch(part.name) and self.images >= self.spec.max_images:
+            param = f"image[{self.images}]"
+            raise InvalidRequest(
+                f"Too many images: {self.spec.name} takes at most {self.spec.max_images}.",
+                param=param, code="too_many_images")
+
+    def _check_upload(self, upload: Upload) -> None:
+        spec, info = self.spec, upload.info
+        assert spec is not None and info is not None
+        if upload.kind == "mask":
+            if spec.mask is None:
+                raise InvalidRequest(f"'mask' is not supported by model '{spec.name}'.",
+                                     param="mask", code="unsupported_parameter")
+            formats = spec.mask.formats
+        else:
+            formats = spec.image_formats
+        if info.format not in formats:
+            raise InvalidRequest(
+                f"Invalid '{upload.param}': {info.format} is not accepted by {spec.name}; use "
+                + " or ".join(formats) + ".", param=upload.param, code="invalid_image_format")
+        if max(info.width, info.height) > spec.max_image_side:
+            raise InvalidRequest(
+                f"Invalid '{upload.param}': {info.width}x{info.height} exceeds "
+                f"{spec.max_image_side} pixels a side.", param=upload.param,
+                code="invalid_image_dimensions")
+        if upload.kind == "image" and spec.square_images and info.width != info.height:
+            raise InvalidRequest(f"Invalid '{upload.param}': {spec.name} needs a square image.",
+                                 param=upload.param, code="invalid_image_dimensions")
+        if upload.kind == "mask" and spec.mask.require_alpha and not info.has_alpha:
+            raise InvalidRequest("Invalid 'mask': it must have an alpha channel.", param="mask",
+                                 code="invalid_image_format")
+
+    def _check_mask(self) -> None:
+        """The mask must match the first image, once both are known."""
+        mask = next((u for u in self.uploads if u.kind == "mask"), None)
+        first = next((u for u in self.uploads if u.kind == "image"), None)
+        spec = self.spec
+        if mask is None or first is None or spec is None or spec.mask is None:
+            return
+        if mask.info and first.info and spec.mask.match_first_image and (
+            (mask.info.width, mask.info.height) != (first.info.width, first.info.height)
+        ):
+            raise InvalidRequest(
+                f"Invalid 'mask': its size {mask.info.width}x{mask.info.height} differs from the "
+                f"first image's {first.info.width}x{first.info.height}.", param="mask",
+                code="invalid_image_dimensions")
+
+    def _final_checks(self) -> dict[str, str]:
+        assert self.spec is not None
+        if self.images == 0:
+            raise InvalidRequest("Missing required parameter: 'image'.", param="image",
+                                 code="missing_required_parameter")
+        self._check_mask()
+        values = self._with_defaults(self.spec, self.values)
+        self.spec.check_combination(values, self.sent)
+        return values
+
+    # ------------------------------------------------------------------------- writing
+    def _decide_image_field(self) -> None:
+        """`image` for one image, `image[]` for several, decided before the first image goes."""
+        if self.image_field:
+            return
+        assert self.spec is not None
+        alone = self.images == 1 and (self.body_done.is_set() or self.first_image_name == "image")
+        self.image_field = "image" if self.spec.max_images == 1 or alone else "image[]"
+
+    def _file_head(self, upload: Upload) -> bytes:
+        assert upload.info is not None
+        if upload.kind == "mask":
+            name = "mask"
+        else:
+            self._decide_image_field()
+            name = self.image_field
+        return self.writer.file_head(name, upload.filename, upload.info.content_type)
+
+    def _fields_out(self, names: list[str], values: dict[str, str]) -> bytes:
+        assert self.spec is not None
+        rules = self.spec.fields
+        return b"".join(
+            self.writer.field(name, values[name]) for name in names
+            if not (name in rules and rules[name].drop))
+
+    async def _upstream_body(self, events: AsyncIterator[tuple[int, Any]],
+                             live: Part | None) -> AsyncIterator[bytes]:
+        """The upstream multipart body: spooled parts first, then the client's, as they arrive."""
+        early = ["model", "prompt", *self.sent]
+        yield self._fields_out(early, self.values)
+        if live is not None:
+            # Counted before spooled images are named, so `image` vs `image[]` sees it.
+            self._start_part(live)
+        for upload in self.uploads:
+            if upload is self._upload:
+                continue
+            yield self._file_head(upload)
+            assert self.spool is not None
+            self.spool.seek(upload.spool_start)
+            remaining = upload.size
+            while remaining:
+                chunk = self.spool.read(min(remaining, 256 * 1024))
+                remaining -= len(chunk)
+                yield chunk
+            yield self.writer.file_tail
+        if live is not None:
+            async for kind, payload in events:
+                if kind == PART_START:
+                    self._start_part(payload)
+                    continue
+                out = self._part_data(payload) if kind == PART_DATA else self._end_part()
+                if out:
+                    yield out
+        values = self._final_checks()
+        late = [n for n in values if n not in early]
+        yield self._fields_out(late, values) + self.writer.close()
+
+    # ------------------------------------------------------------------------- answering
+    async def _relay(self, response: httpx.Response, ticket: Ticket, send: Send) -> None:
+        if response.status_code == 401:
+            # The upstream refused the gateway's own key: the operator's problem, never the
+            # client's, and the upstream's message may echo part of that key.
+            log.error("upstream rejected the gateway's API key", extra={
+                "request_id": self.request_id, "upstream": self.spec.upstream if self.spec else ""})
+            raise UpstreamUnavailable("The upstream rejected the gateway's credentials.")
+        headers = [(k.encode(), v.encode()) for k in _PASS_HEADERS
+                   if (v := response.headers.get(k)) is not None]
+        headers += self._common_headers(ticket)
+        upstream_id = response.headers.get("x-request-id")
+        if upstream_id:
+            headers.append((b"x-upstream-request-id", upstream_id.encode()))
+        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": headers})
+        self.response_started = True
+        try:
+            async for chunk in response.aiter_raw():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except httpx.TransportError as exc:
+            if not is_sse:
+                raise  # cut the JSON answer off: a broken response, never a wrong one
+            error = transport_error(exc, self.spec.upstream if self.spec else "")
+            event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
+            await send({"type": "http.response.body",
+                        "body": _STREAM_ERROR % event.encode(), "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.response_done = True
+
+    def _common_headers(self, ticket: Ticket | None = None) -> list[tuple[bytes, bytes]]:
+        headers = [(b"x-request-id", self.request_id.encode())]
+        if ticket is not None:
+            headers += [(k.encode(), v.encode()) for k, v in ticket.headers.items()]
+        return headers
+
+    async def fail(self, send: Send, exc: GatewayError) -> None:
+        """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts)."""
+        if self._reader is not None and not self.body_done.is_set() and exc.status != 413:
+            await self._drain()
+        body = exc.body()
+        headers = [(b"content-type", b"application/json"),
+                   (b"content-length", str(len(body)).encode()), *self._common_headers()]
+        headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+        await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _drain(self) -> None:
+        """Read and drop the rest of a rejected body (up to the size limit) so that clients,
+        which send their whole body before reading, see the error instead of a reset."""
+        try:
+            while self.received <= self.ep.max_body:
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    return
+                self.received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
+        except Exception:
+            return
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+

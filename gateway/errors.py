@@ -1,0 +1,87 @@
+"""Every error a client can meet, in OpenAI's wire shape, and the one start-up error.
+
+Like httpx's exceptions module, this is the single place that owns the error taxonomy:
+the route raises these, and only `GatewayError.body()` knows the JSON shape.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class SettingsError(Exception):
+    """A configuration mistake; the CLI prints str(exc) as one line and exits."""
+
+
+class GatewayError(Exception):
+    """An error answered to the client as `{"error": {...}}` in OpenAI's format."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        err = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": err}).encode()
+
+
+class InvalidRequest(GatewayError):
+    """A bad value, a malformed body or a field the model does not take (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class RequestTooLarge(GatewayError):
+    """The body exceeds the configured maximum (413)."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class UpstreamUnavailable(GatewayError):
+    """The upstream could not be reached or broke the connection (502, retryable)."""
+
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    """The upstream stayed silent longer than the read timeout (504, retryable)."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    code = "service_unavailable"

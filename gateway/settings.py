@@ -1,0 +1,154 @@
+"""Every setting in one place (as envoyproxy/ratelimit does): TOML file, overridden by GATEWAY_* env.
+
+Precedence: environment > TOML file (`--config` or GATEWAY_CONFIG) > defaults. A mistake stops
+start-up with one line naming the setting (see `load_settings`), never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from gateway.errors import SettingsError
+
+ENV_PREFIX = "GATEWAY_"
+
+
+class UpstreamSettings(BaseModel):
+    """A named upstream in `[upstreams.NAME]`; unset timeouts inherit the top-level ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str
+    api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="environment variable holding the key")
+    connect_timeout: float | None = Field(None, gt=0)
+    read_timeout: float | None = Field(None, gt=0)
+    max_connections: int | None = Field(None, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        return _check_base_url(v)
+
+
+def _check_base_url(v: str) -> str:
+    if not v.startswith(("http://", "https://")):
+        raise ValueError("must start with http:// or https://")
+    return v.rstrip("/")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", case_sensitive=False)
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    # The default upstream, named "default" in the catalog.
+    upstream_base_url: str = "https://api.openai.com/v1"
+    upstream_api_key: SecretStr | None = None
+    upstream_connect_timeout: float = Field(10.0, gt=0)
+    # The longest silence allowed between upstream bytes: image generations take minutes.
+    upstream_read_timeout: float = Field(600.0, gt=0)
+    upstream_max_connections: int = Field(512, ge=1)
+    upstreams: dict[str, UpstreamSettings] = {}
+
+    # Keys and quotas (used from the "API keys and quotas" issue on).
+    redis_url: str | None = None
+    admin_key: SecretStr | None = None
+
+    # Catalog: the shipped one, replaced by `catalog_file` and amended by `[models.NAME]` tables.
+    catalog_file: Path | None = None
+    models: dict[str, dict[str, Any]] = {}
+    default_model: str = "gpt-image-1"
+    unknown_models: Literal["reject", "pass"] = "reject"
+    unknown_fields: Literal["reject", "pass"] = "reject"
+
+    # Request bounds. max_body_bytes defaults to the largest request the catalog allows.
+    max_body_bytes: int | None = Field(None, ge=1)
+    max_parts: int = Field(64, ge=2)
+    max_field_bytes: int = Field(256 * 1024, ge=1)
+    max_part_header_bytes: int = Field(4096, ge=64)
+    max_filename_chars: int = Field(1024, ge=1)
+
+    # Files that arrive before the text fields wait here (memory first, then an unnamed temp file).
+    spool_dir: Path | None = None
+    spool_memory_bytes: int = Field(1024 * 1024, ge=0)
+
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        return _check_base_url(v)
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _writable_dir(cls, v: Path | None) -> Path | None:
+        if v is not None and not (v.is_dir() and os.access(v, os.W_OK | os.X_OK)):
+            raise ValueError(f"{v} is not a writable directory")
+        return v
+
+    @field_validator("catalog_file")
+    @classmethod
+    def _readable_file(cls, v: Path | None) -> Path | None:
+        if v is not None and not v.is_file():
+            raise ValueError(f"{v} does not exist")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # toml_file comes from model_config, set per load by `load_settings`.
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from `config_file` (else GATEWAY_CONFIG) and the environment; SettingsError if bad."""
+    path = config_file or os.environ.get(f"{ENV_PREFIX}CONFIG") or None
+    cls = Settings
+    try:
+        if path is not None:
+            # Parse it once ourselves so a missing file or a TOML syntax error is one clear line.
+            with Path(path).open("rb") as f:
+                tomllib.load(f)
+            config = SettingsConfigDict(**{**Settings.model_config, "toml_file": path})
+            cls = type("Settings", (Settings,), {"model_config": config})
+        return cls(**overrides)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc, prefix=ENV_PREFIX)) from None
+
+
+def describe_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
+    """One line naming each bad setting, both as its config key and its environment variable."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "settings"
+        top = str(err["loc"][0]) if err["loc"] else ""
+        where = f"{loc} ({prefix}{top.upper()})" if prefix and top else loc
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown setting"
+        parts.append(f"{where}: {msg}")
+    return "invalid setting " + "; ".join(parts)

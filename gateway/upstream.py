@@ -1,0 +1,89 @@
+"""Upstream providers: one pooled httpx client per named upstream, and transport-error mapping."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+
+import httpx
+
+from gateway import __version__
+from gateway.errors import GatewayError, SettingsError, UpstreamTimeout, UpstreamUnavailable
+from gateway.settings import Settings, UpstreamSettings
+
+USER_AGENT = f"image-gateway/{__version__}"
+
+
+@dataclass(slots=True)
+class Upstream:
+    name: str
+    base_url: str
+    api_key: str | None
+    client: httpx.AsyncClient
+
+    def edit_request(self, body: AsyncIterable[bytes], content_type: str,
+                     request_id: str) -> httpx.Request:
+        headers = {
+            "content-type": content_type,
+            "accept": "application/json, text/event-stream",
+            # Identity, so the gateway can read usage from the answer it passes through.
+            "accept-encoding": "identity",
+            "user-agent": USER_AGENT,
+            "x-request-id": request_id,
+        }
+        if self.api_key:
+            headers["authorization"] = f"Bearer {self.api_key}"
+        return self.client.build_request(
+            "POST", f"{self.base_url}/images/edits", headers=headers, content=body)
+
+
+class Upstreams:
+    """The named upstreams of the settings; "default" comes from GATEWAY_UPSTREAM_*."""
+
+    def __init__(self, settings: Settings) -> None:
+        configs = {
+            "default": UpstreamSettings(
+                base_url=settings.upstream_base_url, api_key=settings.upstream_api_key),
+            **settings.upstreams,
+        }
+        self._by_name: dict[str, Upstream] = {}
+        for name, cfg in configs.items():
+            connect = cfg.connect_timeout or settings.upstream_connect_timeout
+            read = cfg.read_timeout or settings.upstream_read_timeout
+            size = cfg.max_connections or settings.upstream_max_connections
+            client = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
+                follow_redirects=False,
+                trust_env=False,
+            )
+            self._by_name[name] = Upstream(name, cfg.base_url, _api_key(name, cfg), client)
+
+    def __getitem__(self, name: str) -> Upstream:
+        return self._by_name[name]
+
+    async def aclose(self) -> None:
+        for upstream in self._by_name.values():
+            await upstream.client.aclose()
+
+
+def _api_key(name: str, cfg: UpstreamSettings) -> str | None:
+    if cfg.api_key is not None:
+        return cfg.api_key.get_secret_value()
+    if cfg.api_key_env is None:
+        return None
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise SettingsError(f"invalid setting upstreams.{name}.api_key_env: environment variable "
+                            f"{cfg.api_key_env} is not set")
+    return key
+
+
+def transport_error(exc: httpx.TransportError, upstream: str) -> GatewayError:
+    """A 504 for silence, a 502 for everything else that kept the upstream from answering."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"The upstream '{upstream}' did not answer in time.")
+    kind = "connect" if isinstance(exc, httpx.ConnectError) else "transport"
+    return UpstreamUnavailable(
+        f"The upstream '{upstream}' could not be reached ({kind} error).")

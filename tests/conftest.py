@@ -1,0 +1,104 @@
+"""Real servers on loopback: the fake upstream (a thread) and the gateway (a `gateway serve`
+process, started through the CLI as an operator would)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fake_upstream import FakeUpstream, _free_port
+
+UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+
+
+class GatewayProcess:
+    def __init__(self, env: dict[str, str], config: Path | None = None) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)]
+        if config is not None:
+            args += ["--config", str(config)]
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        full_env.update(env)
+        self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.proc.stdout.read()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("gateway did not start")
+            time.sleep(0.05)
+
+    def client(self, **kwargs: object) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="sk-client", max_retries=0,
+                             **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        return out or ""
+
+
+@pytest.fixture(scope="session")
+def upstream() -> Iterator[FakeUpstream]:
+    fake = FakeUpstream().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_upstream(request: pytest.FixtureRequest) -> None:
+    if "upstream" in request.fixturenames:
+        request.getfixturevalue("upstream").reset()
+
+
+@pytest.fixture(scope="session")
+def start_gateway(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[Callable[..., GatewayProcess]]:
+    """Start a gateway against the fake upstream; keyword settings become GATEWAY_* variables,
+    `config` is TOML text for --config."""
+    started: list[GatewayProcess] = []
+
+    def start(config: str | None = None, **settings: object) -> GatewayProcess:
+        env = {"GATEWAY_UPSTREAM_BASE_URL": upstream.url, "GATEWAY_UPSTREAM_API_KEY": UPSTREAM_KEY}
+        env.update({f"GATEWAY_{k.upper()}": str(v) for k, v in settings.items()})
+        path = None
+        if config is not None:
+            path = tmp_path_factory.mktemp("config") / "gateway.toml"
+            path.write_text(config)
+        gw = GatewayProcess(env, path)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
+    return start_gateway()
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess) -> openai.OpenAI:
+    return gateway.client()

@@ -1,0 +1,216 @@
+"""A fake OpenAI images API on loopback that answers like OpenAI and records what it received.
+
+It reads each body as it streams in (so tests can watch bytes arrive before the client has
+finished), then parses it with Starlette's form parser, independent of the gateway's own code.
+Tests steer it through `FakeUpstream.behaviour`; `reset()` restores the defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from tests.images import png
+
+IMAGE_B64 = base64.b64encode(png(8, 8)).decode()
+
+
+@dataclass
+class RecordedFile:
+    name: str
+    filename: str | None
+    content_type: str | None
+    size: int
+    sha256: str
+
+
+@dataclass
+class Recorded:
+    """One request as the upstream saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    completed: bool = False
+    bytes_received: int = 0
+    fields: list[tuple[str, str]] = field(default_factory=list)
+    files: list[RecordedFile] = field(default_factory=list)
+
+    def field(self, name: str) -> str | None:
+        values = [v for k, v in self.fields if k == name]
+        assert len(values) <= 1, f"{name} sent {len(values)} times"
+        return values[0] if values else None
+
+    @property
+    def field_names(self) -> list[str]:
+        return [k for k, _ in self.fields]
+
+
+@dataclass
+class Behaviour:
+    status: int = 200
+    error: dict[str, Any] | None = None  # an OpenAI error body to answer with `status`
+    delay_headers: float = 0.0  # seconds of silence before the response headers
+    cut_after_events: int | None = None  # SSE: drop the connection after this many events
+    event_delay: float = 0.0
+    cut_json: bool = False  # send half the JSON body, then drop the connection
+    usage: dict[str, Any] = field(default_factory=lambda: {
+        "input_tokens": 50, "output_tokens": 200, "total_tokens": 250,
+        "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}})
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.records: list[Recorded] = []
+        self.behaviour = Behaviour()
+        self._lock = threading.Lock()
+        self._counter = 0
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
+                                loop="asyncio", lifespan="off", interface="asgi3")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> FakeUpstream:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("fake upstream did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(5)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.records.clear()
+        self.behaviour = Behaviour()
+
+    @property
+    def completed(self) -> list[Recorded]:
+        return [r for r in self.records if r.completed]
+
+    def last(self) -> Recorded:
+        done = self.completed
+        assert done, f"upstream completed no request (saw {len(self.records)})"
+        return done[-1]
+
+    def wait_for(self, predicate: Any, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            time.sleep(0.01)
+
+    # ------------------------------------------------------------------------ the ASGI app
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        request = Request(scope, receive)
+        record = Recorded(scope["method"], scope["path"],
+                          {k.lower(): v for k, v in request.headers.items()})
+        with self._lock:
+            self.records.append(record)
+            self._counter += 1
+            upstream_id = f"req_upstream_{self._counter}"
+        if scope["path"] != "/v1/images/edits":
+            await JSONResponse({"error": {"message": "not found"}}, 404)(scope, receive, send)
+            return
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                record.bytes_received = len(body)
+            form = await Request(scope, _replay(bytes(body))).form(
+                max_files=1000, max_fields=1000, max_part_size=1 << 20)
+        except (ClientDisconnect, Exception):
+            return
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                record.fields.append((name, value))
+            else:
+                data = await value.read()
+                record.files.append(RecordedFile(name, value.filename, value.content_type,
+                                                 len(data), hashlib.sha256(data).hexdigest()))
+        record.completed = True
+        response = await self._answer(record, upstream_id)
+        await response(scope, receive, send)
+
+    async def _answer(self, record: Recorded, upstream_id: str) -> Response:
+        b = self.behaviour
+        if b.delay_headers:
+            await asyncio.sleep(b.delay_headers)
+        headers = {"x-request-id": upstream_id, "openai-processing-ms": "42"}
+        if b.error is not None or b.status != 200:
+            error = b.error or {"message": "upstream failure", "type": "server_error",
+                                "param": None, "code": None}
+            return JSONResponse({"error": error}, b.status, headers=headers)
+        n = int(record.field("n") or 1)
+        if record.field("stream") == "true":
+            return StreamingResponse(self._events(record, n), media_type="text/event-stream",
+                                     headers=headers)
+        answer: dict[str, Any] = {"created": int(time.time()),
+                                  "data": [{"b64_json": IMAGE_B64} for _ in range(n)]}
+        if record.field("model") != "dall-e-2":
+            answer.update(background="opaque", output_format=record.field("output_format") or "png",
+                          size="1024x1024", quality="low", usage=b.usage)
+        raw = json.dumps(answer).encode()
+        if b.cut_json:
+            return StreamingResponse(_cut(raw), media_type="application/json", headers=headers)
+        return Response(raw, media_type="application/json", headers=headers)
+
+    async def _events(self, record: Recorded, n: int) -> Any:
+        b = self.behaviour
+        partials = int(record.field("partial_images") or 0)
+        sent = 0
+        for _image in range(n):
+            events = [("image_edit.partial_image", {"partial_image_index": i}) for i in range(partials)]
+            events.append(("image_edit.completed", {"usage": b.usage}))
+            for kind, extra in events:
+                if b.cut_after_events is not None and sent >= b.cut_after_events:
+                    raise ConnectionResetError("fake upstream cuts the stream")
+                data = {"type": kind, "b64_json": IMAGE_B64, "created_at": int(time.time()),
+                        "size": "1024x1024", "quality": "low", "background": "opaque",
+                        "output_format": "png", **extra}
+                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                sent += 1
+                if b.event_delay:
+                    await asyncio.sleep(b.event_delay)
+
+
+def _replay(body: bytes) -> Any:
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+async def _cut(raw: bytes) -> Any:
+    yield raw[: len(raw) // 2]
+    await asyncio.sleep(0.05)
+    raise ConnectionResetError("fake upstream cuts the answer")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
