@@ -123,7 +123,8 @@ class _Edit:
         self.request_id = request_id
         self.settings = endpoint.settings
         self.received = 0
-        self.body_done = asyncio.Event()
+        self.body_done = asyncio.Event()  # the last body message has been received
+        self.parsed = False  # ... and every part in it handled
         self.response_started = False
         self.response_done = False
         self.fields: dict[str, str] = {}  # raw text fields before the model is known
@@ -219,11 +220,16 @@ class _Edit:
             self.received += len(chunk)
             if self.received > self.ep.max_body:
                 raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
-            for event in self._reader.feed(chunk):
-                yield event
-            if not message.get("more_body", False):
-                self._reader.close()
+            more = message.get("more_body", False)
+            if not more:
                 self.body_done.set()
+            events = self._reader.feed(chunk)
+            if not more:
+                self._reader.close()
+            for event in events:
+                yield event
+            if not more:
+                self.parsed = True
                 return
 
     async def _read_until_ready(self, events: AsyncIterator[tuple[int, Any]]) -> Part | None:
@@ -511,7 +517,7 @@ class _Edit:
         if self.image_field:
             return
         assert self.spec is not None
-        alone = self.images == 1 and (self.body_done.is_set() or self.first_image_name == "image")
+        alone = self.images == 1 and (self.parsed or self.first_image_name == "image")
         self.image_field = "image" if self.spec.max_images == 1 or alone else "image[]"
 
     def _file_head(self, upload: Upload) -> bytes:
