@@ -550,8 +550,8 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def report(lat: dict[str, Latency], tput: dict[str, Throughput], mem: dict[str, MemResult],
-           args: argparse.Namespace) -> tuple[str, bool]:
+def report(results: Results, args: argparse.Namespace) -> tuple[str, bool]:
+    lat, tput, mem = results.lat, results.tput, results.mem
     p50 = {n: statistics.median(v.ms) for n, v in lat.items()}
     p99 = {n: pct(v.ms, 99) for n, v in lat.items()}
     add50 = {n: p50[n] - p50["direct"] for n in ("passthrough", "gateway")}
@@ -586,6 +586,8 @@ def report(lat: dict[str, Latency], tput: dict[str, Throughput], mem: dict[str, 
         ["  upstream process CPU ms/request", *(f"{tput[n].upstream_cpu_ms:.3f}" for n in tput),
          "", ""],
         ["  client process CPU ms/request", *(f"{tput[n].client_cpu_ms:.3f}" for n in tput), "", ""],
+        ["RSS MB at start (before any request)",
+         *(f"{results.start_rss_mb[n]:.1f}" for n in results.start_rss_mb), "", ""],
         [f"{args.uploads} x 25 MB in flight: RSS before MB", "-", f"{pt_mem.baseline_mb:.1f}",
          f"{gw_mem.baseline_mb:.1f}", "", ""],
         ["  peak RSS MB", "-", f"{pt_mem.peak_mb:.1f}", f"{gw_mem.peak_mb:.1f}", "", ""],
@@ -615,11 +617,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass
+class Results:
+    start_rss_mb: dict[str, float]  # each server's RSS before any traffic
+    lat: dict[str, Latency]
+    tput: dict[str, Throughput]
+    mem: dict[str, MemResult]
+
+
+async def verify(targets: dict[str, Server], make: type[EditClient], body: bytes) -> None:
+    """One 1 MB edit through each target must put the whole image on the upstream."""
+    for name, server in targets.items():
+        client = make(server.origin, 1)
+        try:
+            before = await upstream_stats(targets["direct"].origin)
+            await client.post(body)
+            after = await upstream_stats(targets["direct"].origin)
+        finally:
+            await client.aclose()
+        got = after["bytes"] - before["bytes"]
+        if not len(body) - 1024 <= got <= len(body) + 1024:
+            raise RuntimeError(f"{name}: the upstream got {got} bytes for a {len(body)}-byte body")
+
+
 async def run(targets: dict[str, Server], bodies: dict[str, bytes],
-              args: argparse.Namespace) -> tuple[dict[str, Latency], dict[str, Throughput],
-                                                 dict[str, MemResult]]:
-    print(f"latency: {args.requests} small edits per target, interleaved ...", flush=True)
+              args: argparse.Namespace) -> Results:
+    start_rss = {n: _status_kb(s.pid, "VmRSS") / 1024 for n, s in targets.items()}
     make = CLIENTS[args.client]
+    await verify(targets, make, bodies["1mb"])
+    print(f"latency: {args.requests} small edits per target, interleaved ...", flush=True)
     lat = await latency(targets, make, bodies["small"], args.requests, args.warmup)
     print(f"throughput: 1 MB edits, concurrency {args.concurrency} ...", flush=True)
     tput = await throughput(targets, make, bodies["1mb"], args.concurrency, args.duration)
@@ -628,7 +654,7 @@ async def run(targets: dict[str, Server], bodies: dict[str, bytes],
     for name in ("passthrough", "gateway"):
         mem[name] = await memory(targets[name], targets["direct"], make, bodies["25mb"],
                                  args.uploads, args.rounds)
-    return lat, tput, mem
+    return Results(start_rss, lat, tput, mem)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -645,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-edits-") as tmp, servers(Path(tmp)) as targets:
         try:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                lat, tput, mem = runner.run(run(targets, bodies, args))
+                results = runner.run(run(targets, bodies, args))
         except Exception:
             for server in targets.values():
                 print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
@@ -653,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         for server in targets.values():
             if server.proc.poll() is not None:
                 raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
-    text, ok = report(lat, tput, mem, args)
+    text, ok = report(results, args)
     sizes = ", ".join(f"{k}={len(v):,} B" for k, v in bodies.items())
     print()
     print(f"command: {command}")
@@ -662,7 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"client: {kind} on uvloop, one process, same body bytes to every target; servers: "
           "uvicorn + uvloop + httptools, one process each, all on 127.0.0.1")
     print(f"bodies (model, prompt, image): {sizes}")
-    hwm = "+ VmHWM reset before" if all(m.hwm_reset for m in mem.values()) else "(VmHWM not resettable)"
+    resettable = all(m.hwm_reset for m in results.mem.values())
+    hwm = "+ VmHWM reset before" if resettable else "(VmHWM not resettable)"
     print(f"memory: peak of VmRSS sampled every 10 ms {hwm}; uploads sent in "
           f"{UPLOAD_CHUNK // 1024} KiB chunks, {args.rounds} round(s)")
     print()

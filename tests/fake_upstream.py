@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from tests.images import png
@@ -42,7 +42,8 @@ class Recorded:
     method: str
     path: str
     headers: dict[str, str]
-    completed: bool = False
+    completed: bool = False  # the whole body arrived and parsed
+    aborted: bool = False  # the gateway hung up: mid-body, or while the answer was awaited
     bytes_received: int = 0
     fields: list[tuple[str, str]] = field(default_factory=list)
     files: list[RecordedFile] = field(default_factory=list)
@@ -136,7 +137,8 @@ class FakeUpstream:
                 record.bytes_received = len(body)
             form = await Request(scope, _replay(bytes(body))).form(
                 max_files=1000, max_fields=1000, max_part_size=1 << 20)
-        except (ClientDisconnect, Exception):
+        except Exception:  # a cut body (ClientDisconnect, or a parse error) is what we record
+            record.aborted = True
             return
         for name, value in form.multi_items():
             if isinstance(value, str):
@@ -146,13 +148,21 @@ class FakeUpstream:
                 record.files.append(RecordedFile(name, value.filename, value.content_type,
                                                  len(data), hashlib.sha256(data).hexdigest()))
         record.completed = True
+        if self.behaviour.delay_headers:
+            # Silence before the headers, watching for the gateway giving up on us.
+            try:
+                while (await asyncio.wait_for(receive(), self.behaviour.delay_headers))["type"] \
+                        != "http.disconnect":
+                    pass
+                record.aborted = True
+                return
+            except TimeoutError:
+                pass
         response = await self._answer(record, upstream_id)
         await response(scope, receive, send)
 
     async def _answer(self, record: Recorded, upstream_id: str) -> Response:
         b = self.behaviour
-        if b.delay_headers:
-            await asyncio.sleep(b.delay_headers)
         headers = {"x-request-id": upstream_id, "openai-processing-ms": "42"}
         if b.error is not None or b.status != 200:
             error = b.error or {"message": "upstream failure", "type": "server_error",
