@@ -211,3 +211,25 @@ def test_json_answer_broken_mid_way_is_cut_off(client: openai.OpenAI,
     upstream.behaviour.cut_json = True
     with pytest.raises(openai.APIConnectionError):
         client.images.edit(model="gpt-image-1", image=png(), prompt="x")
+
+
+def test_stream_events_arrive_as_the_upstream_sends_them(client: openai.OpenAI,
+                                                         upstream: FakeUpstream) -> None:
+    import time
+
+    upstream.behaviour.event_delay = 0.4
+    arrivals = []
+    for _event in client.images.edit(model="gpt-image-1", image=png(), prompt="x", stream=True,
+                                     partial_images=3):
+        arrivals.append(time.monotonic())
+    assert len(arrivals) == 4
+    # Nothing is held back until the end: each event shows up about when it was sent.
+    assert arrivals[-1] - arrivals[0] > 1.0
+
+
+def test_several_workers_serve(start_gateway, upstream: FakeUpstream) -> None:
+    gw: GatewayProcess = start_gateway(workers=2)
+    client = gw.client()
+    for _ in range(6):
+        client.images.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert len(upstream.completed) == 6

@@ -27,14 +27,17 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 
 @pytest.mark.parametrize(("env", "config", "expected"), [
-    ({"GATEWAY_UPSTREAM_READ_TIMEOUT": "soon"}, None, "upstream_read_timeout (GATEWAY_UPSTREAM_READ_TIMEOUT)"),
+    ({"GATEWAY_UPSTREAM_READ_TIMEOUT": "soon"}, None,
+     "upstream_read_timeout (GATEWAY_UPSTREAM_READ_TIMEOUT)"),
     ({"GATEWAY_UPSTREAM_BASE_URL": "api.openai.com"}, None, "must start with http"),
     ({"GATEWAY_SPOOL_DIR": "/nonexistent/spool"}, None, "spool_dir (GATEWAY_SPOOL_DIR)"),
     ({"GATEWAY_UNKNOWN_MODELS": "maybe"}, None, "unknown_models"),
     ({"GATEWAY_DEFAULT_MODEL": "gpt-image-9"}, None, "default_model"),
-    ({}, "upstream_read_timout = 5\n", "upstream_read_timout (GATEWAY_UPSTREAM_READ_TIMOUT): unknown setting"),
+    ({}, "upstream_read_timout = 5\n",
+     "upstream_read_timout (GATEWAY_UPSTREAM_READ_TIMOUT): unknown setting"),
     ({}, "port = [", "not valid TOML"),
-    ({}, '[models."x"]\nextends = "gpt-image-1"\nupstream = "nowhere"\n', "upstream 'nowhere' is not defined"),
+    ({}, '[models."x"]\nextends = "gpt-image-1"\nupstream = "nowhere"\n',
+     "upstream 'nowhere' is not defined"),
     ({}, '[models."x"]\nextends = "nope"\n', "extends unknown model 'nope'"),
     ({}, '[models."x"]\nmax_images = "many"\n', "catalog model 'x'"),
     ({}, '[upstreams.b]\nbase_url = "http://b"\napi_key_env = "NO_SUCH_VAR_X"\n', "NO_SUCH_VAR_X is not set"),
