@@ -19,14 +19,18 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _FORWARD = {b"content-type", b"content-length", b"authorization", b"x-request-id"}
+# --chunked drops Content-Length, so the body goes upstream re-framed as chunked: what every
+# proxy that rewrites the body (the gateway included) has to do, as it cannot know the length.
+_FORWARD_CHUNKED = _FORWARD - {b"content-length"}
 _RETURN = ("content-type", "content-length", "x-request-id")
 
 
 class Passthrough:
     """The ASGI app; the httpx client lives from lifespan startup to shutdown."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, *, chunked: bool = False) -> None:
         self.upstream = upstream.rstrip("/")
+        self.forward = _FORWARD_CHUNKED if chunked else _FORWARD
         self.client: httpx.AsyncClient | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -64,7 +68,7 @@ class Passthrough:
                 if not message.get("more_body", False):
                     return
 
-        headers = [(k, v) for k, v in scope["headers"] if k.lower() in _FORWARD]
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() in self.forward]
         method = scope["method"]
         request = self.client.build_request(
             method, self.upstream + scope["path"], headers=headers,
@@ -87,9 +91,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="origin, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--chunked", action="store_true", help="send the body upstream chunked")
     args = parser.parse_args()
-    uvicorn.run(Passthrough(args.upstream), host="127.0.0.1", port=args.port, loop="uvloop",
-                http="httptools", lifespan="on", log_level="warning", access_log=False,
+    uvicorn.run(Passthrough(args.upstream, chunked=args.chunked), host="127.0.0.1", port=args.port,
+                loop="uvloop", http="httptools", lifespan="on", log_level="warning", access_log=False,
                 server_header=False, proxy_headers=False)
 
 

@@ -67,7 +67,7 @@ class Upload:
     kind: str  # "image" | "mask"
     param: str  # how errors name it: image, image[1], mask
     index: int
-    head: bytearray  # bytes kept until the header is sniffed
+    head: bytes | bytearray  # bytes kept until the header is sniffed
     info: ImageInfo | None = None
     size: int = 0
     spool_start: int = 0
@@ -110,6 +110,10 @@ class EditsEndpoint:
             # completing it makes the server cut the connection, so the client sees a broken
             # response rather than a wrong one.
             log.warning("upstream failed mid-answer: %r", exc, extra={"request_id": request_id})
+        except Exception:
+            log.exception("internal error", extra={"request_id": request_id})
+            if not edit.response_started:
+                await edit.fail(send, GatewayError("The gateway failed to handle the request."))
         finally:
             edit.close()
 
@@ -127,6 +131,7 @@ class _Edit:
         self.parsed = False  # ... and every part in it handled
         self.response_started = False
         self.response_done = False
+        self.client_gone = False
         self.fields: dict[str, str] = {}  # raw text fields before the model is known
         self.values: dict[str, str] = {}  # normalized values, defaults included, for checks
         self.sent: list[str] = []  # fields the client sent, in order
@@ -152,30 +157,30 @@ class _Edit:
         self._reader = MultipartReader(
             boundary, max_parts=self.settings.max_parts,
             max_header_bytes=self.settings.max_part_header_bytes)
-        events = self._events()
-        live = await self._read_until_ready(events)
+        live, leftover = await self._read_until_ready()
         spec = self.spec or self._accept_fields()
         if live is None:
             self._final_checks()  # the whole body is read: nothing invalid opens the upstream
         ticket = await self._admit(principal, spec)
         outcome = Outcome(answered=False)
         try:
-            await self._race_disconnect(self._forward(events, live, ticket, send, outcome))
+            await self._race_disconnect(self._forward(live, leftover, ticket, send, outcome))
         finally:
             await ticket.finish(outcome)
 
     async def _admit(self, principal: Principal, spec: ModelSpec) -> Ticket:
-        n = int(self.values.get("n", "1"))
+        n_value = self.values.get("n", "1")  # unchecked for pass-through models
+        n = int(n_value) if n_value.isdigit() else 1
         stream = self.values.get("stream") == "true"
         return await self.ep.admission.admit(
             principal, EditRequest(self.request_id, spec, n, stream))
 
-    async def _forward(self, events: AsyncIterator[tuple[int, Any]], live: Part | None,
-                       ticket: Ticket, send: Send, outcome: Outcome) -> None:
+    async def _forward(self, live: Part | None, leftover: list[tuple[int, Any]], ticket: Ticket,
+                       send: Send, outcome: Outcome) -> None:
         assert self.spec is not None
         upstream = self.ep.upstreams[self.spec.upstream]
         request = upstream.edit_request(
-            self._upstream_body(events, live), self.writer.content_type, self.request_id)
+            self._upstream_body(live, leftover), self.writer.content_type, self.request_id)
         try:
             response = await upstream.client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -188,62 +193,66 @@ class _Edit:
             await response.aclose()
 
     async def _race_disconnect(self, work: Awaitable[None]) -> None:
-        """Run work, cancelling it when the client leaves after its body was read."""
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(self._wait_disconnect())
+        """Run work here, cancelled by a watcher if the client leaves after its body was read.
+
+        One extra task per request: the work stays in the request's own task, and only a
+        cancellation the watcher asked for becomes ClientGone (a server shutdown stays one).
+        """
+        main = asyncio.current_task()
+        assert main is not None
+        watcher = asyncio.ensure_future(self._watch_disconnect(main))
         try:
-            await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-            if not task.done() and not self.response_done:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise ClientGone
-            await task
+            await work
+        except asyncio.CancelledError:
+            if self.client_gone and main.uncancel() == 0:
+                raise ClientGone from None
+            raise
         finally:
             watcher.cancel()
-            if not task.done():
-                task.cancel()
 
-    async def _wait_disconnect(self) -> None:
+    async def _watch_disconnect(self, main: asyncio.Task[Any]) -> None:
         await self.body_done.wait()
         while (await self.receive())["type"] != "http.disconnect":
             pass
+        if not self.response_done:
+            self.client_gone = True
+            main.cancel()
 
     # ------------------------------------------------------------------------- reading
-    async def _events(self) -> AsyncIterator[tuple[int, Any]]:
-        """Multipart events from the client's body, counting bytes against the limit."""
+    async def _read(self) -> list[tuple[int, Any]]:
+        """The multipart events of the next body message, counting bytes against the limit."""
         assert self._reader is not None
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            self.received += len(chunk)
-            if self.received > self.ep.max_body:
-                raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
-            more = message.get("more_body", False)
-            if not more:
-                self.body_done.set()
-            events = self._reader.feed(chunk)
-            if not more:
-                self._reader.close()
-            for event in events:
-                yield event
-            if not more:
-                self.parsed = True
-                return
+        message = await self.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        self.received += len(chunk)
+        if self.received > self.ep.max_body:
+            raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
+        more = message.get("more_body", False)
+        if not more:
+            self.body_done.set()
+        events = self._reader.feed(chunk)
+        if not more:
+            self._reader.close()
+        return events
 
-    async def _read_until_ready(self, events: AsyncIterator[tuple[int, Any]]) -> Part | None:
-        """Read (spooling files) until the fields are known; returns the file part to stream live."""
-        async for kind, payload in events:
-            if kind == PART_START:
-                if payload.is_file and self._ready(payload):
-                    return payload
-                self._start_part(payload)
-            elif kind == PART_DATA:
-                self._part_data(payload)
-            else:
-                self._end_part()
-        return None
+    async def _read_until_ready(self) -> tuple[Part | None, list[tuple[int, Any]]]:
+        """Read (spooling files) until the fields are known. Returns the file part to stream
+        live and the events after it, or (None, []) when the whole body was read."""
+        while not self.body_done.is_set():
+            events = await self._read()
+            for i, (kind, payload) in enumerate(events):
+                if kind == PART_START:
+                    if payload.is_file and self._ready(payload):
+                        return payload, events[i + 1:]
+                    self._start_part(payload)
+                elif kind == PART_DATA:
+                    self._part_data(payload, [])
+                else:
+                    self._end_part([])
+        self.parsed = True
+        return None, []
 
     def _ready(self, part: Part) -> bool:
         """Fields are final enough to stream: model and prompt seen and the combination valid.
@@ -282,7 +291,7 @@ class _Edit:
             if any(u.kind == "mask" for u in self.uploads):
                 raise InvalidRequest("Duplicate parameter: 'mask'.", param="mask",
                                      code="duplicate_parameter")
-            upload = Upload("mask", "mask", 0, bytearray())
+            upload = Upload("mask", "mask", 0, b"")
         else:
             index = self.images
             self.images += 1
@@ -297,14 +306,14 @@ class _Edit:
             if index >= limit:
                 raise InvalidRequest(f"Too many images: at most {limit} are accepted.",
                                      param=param, code="too_many_images")
-            upload = Upload("image", param, index, bytearray())
+            upload = Upload("image", param, index, b"")
         if self.spec is None:
             upload.spool_start = self._spool().tell()
         self.uploads.append(upload)
         return upload
 
-    def _part_data(self, data: bytes) -> bytes | None:
-        """Take a chunk of the current part; returns bytes to send upstream when streaming live."""
+    def _part_data(self, data: bytes, out: list[bytes]) -> None:
+        """Take a chunk of the current part; when streaming live, add what goes upstream to out."""
         upload = self._upload
         if upload is None:
             self._text += data
@@ -312,29 +321,32 @@ class _Edit:
                 assert self._part is not None
                 raise InvalidRequest(f"'{self._part.name}' is too long.", param=self._part.name,
                                      code="string_above_max_length")
-            return None
+            return
         upload.size += len(data)
         limit = self._size_limit(upload)
         if upload.size > limit:
             raise InvalidRequest(f"'{upload.param}' is larger than {limit} bytes.",
                                  param=upload.param, code="image_too_large")
-        out = None
         if upload.info is None:
-            upload.head += data
+            # Usually the first chunk holds the whole header: keep a reference, copy only if not.
+            if not upload.head:
+                upload.head = data
+            else:
+                if not isinstance(upload.head, bytearray):
+                    upload.head = bytearray(upload.head)
+                upload.head += data
             self._sniff(upload, final=False)
-            if upload.info is not None and self.spec is not None:
-                out = self._file_head(upload) + upload.head
-                upload.head = bytearray()
+            if upload.info is not None:
+                if self.spec is not None:
+                    out += (self._file_head(upload), upload.head)
+                upload.head = b""
         elif self.spec is not None:
-            out = data
+            out.append(data)
         if self.spec is None:
             self._spool().write(data)
-            if upload.info is not None:
-                upload.head = bytearray()
-        return out
 
-    def _end_part(self) -> bytes | None:
-        """Finish the current part; returns bytes to send upstream when streaming live."""
+    def _end_part(self, out: list[bytes]) -> None:
+        """Finish the current part; when streaming live, add what goes upstream to out."""
         upload, self._upload = self._upload, None
         if upload is None:
             assert self._part is not None
@@ -345,18 +357,17 @@ class _Edit:
                 raise InvalidRequest(f"'{name}' is not valid UTF-8.", param=name) from None
             if self.spec is None:
                 self.fields[name] = value
-                return None
-            return self._late_field(name, value)
-        out = b""
+            else:
+                self._late_field(name, value)
+            return
         if upload.info is None:
             self._sniff(upload, final=True)
             if self.spec is not None:
-                out = self._file_head(upload) + upload.head
-            upload.head = bytearray()
-        if self.spec is None:
-            return None
-        self._check_mask()
-        return out + self.writer.file_tail
+                out += (self._file_head(upload), upload.head)
+            upload.head = b""
+        if self.spec is not None:
+            self._check_mask()
+            out.append(self.writer.file_tail)
 
     def _sniff(self, upload: Upload, *, final: bool) -> None:
         try:
@@ -434,7 +445,7 @@ class _Edit:
                 out[name] = rule.default
         return out
 
-    def _late_field(self, name: str, raw: str) -> bytes:
+    def _late_field(self, name: str, raw: str) -> None:
         """A text field after streaming began: checked alone now, in combination at the end."""
         assert self.spec is not None
         if name in ("model", "prompt"):
@@ -442,7 +453,6 @@ class _Edit:
                                  code="duplicate_parameter")
         self.values[name] = self._normalize(self.spec, name, raw)
         self.sent.append(name)
-        return b""
 
     def _size_limit(self, upload: Upload) -> int:
         spec = self.spec
@@ -536,18 +546,23 @@ class _Edit:
             self.writer.field(name, values[name]) for name in names
             if not (name in rules and rules[name].drop))
 
-    async def _upstream_body(self, events: AsyncIterator[tuple[int, Any]],
-                             live: Part | None) -> AsyncIterator[bytes]:
-        """The upstream multipart body: spooled parts first, then the client's, as they arrive."""
+    async def _upstream_body(self, live: Part | None,
+                             events: list[tuple[int, Any]]) -> AsyncIterator[bytes]:
+        """The upstream multipart body: spooled parts first, then the client's, as they arrive.
+
+        One write per client message: framing is joined to the data around it, and a message
+        that is all file data passes through without a copy.
+        """
         early = ["model", "prompt", *self.sent]
-        yield self._fields_out(early, self.values)
+        out = [self._fields_out(early, self.values)]
         if live is not None:
             # Counted before spooled images are named, so `image` vs `image[]` sees it.
             self._start_part(live)
         for upload in self.uploads:
             if upload is self._upload:
                 continue
-            yield self._file_head(upload)
+            out.append(self._file_head(upload))
+            yield b"".join(out)
             assert self.spool is not None
             self.spool.seek(upload.spool_start)
             remaining = upload.size
@@ -555,18 +570,26 @@ class _Edit:
                 chunk = self.spool.read(min(remaining, 256 * 1024))
                 remaining -= len(chunk)
                 yield chunk
-            yield self.writer.file_tail
-        if live is not None:
-            async for kind, payload in events:
-                if kind == PART_START:
+            out = [self.writer.file_tail]
+        while live is not None:
+            for kind, payload in events:
+                if kind == PART_DATA:
+                    self._part_data(payload, out)
+                elif kind == PART_START:
                     self._start_part(payload)
-                    continue
-                out = self._part_data(payload) if kind == PART_DATA else self._end_part()
-                if out:
-                    yield out
+                else:
+                    self._end_part(out)
+            if self.body_done.is_set():
+                break
+            if out:
+                yield out[0] if len(out) == 1 else b"".join(out)
+                out = []
+            events = await self._read()
+        self.parsed = True
         values = self._final_checks()
         late = [n for n in values if n not in early]
-        yield self._fields_out(late, values) + self.writer.close()
+        out.append(self._fields_out(late, values) + self.writer.close())
+        yield b"".join(out)
 
     # ------------------------------------------------------------------------- answering
     async def _relay(self, response: httpx.Response, ticket: Ticket, send: Send) -> None:
@@ -596,8 +619,8 @@ class _Edit:
             event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
             await send({"type": "http.response.body",
                         "body": _STREAM_ERROR % event.encode(), "more_body": True})
+        self.response_done = True  # from here a disconnect is the normal end, not a cancel
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        self.response_done = True
 
     def _common_headers(self, ticket: Ticket | None = None) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]

@@ -121,7 +121,8 @@ class MultipartReader:
         )))
 
     def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        self._events.append((PART_DATA, bytes(data[start:end])))
+        # The parser hands us the caller's chunk: pass it on uncopied when it is all data.
+        self._events.append((PART_DATA, data if start == 0 and end == len(data) else data[start:end]))
 
     def _on_part_end(self) -> None:
         self._events.append((PART_END, None))
