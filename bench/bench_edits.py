@@ -1,8 +1,9 @@
 """Benchmark POST /v1/images/edits: the gateway against a bare streaming proxy and the upstream.
 
-Three servers on 127.0.0.1, each its own process (uvicorn, uvloop + httptools): a lean fake
-upstream (bench/upstream.py), a pass-through proxy baseline (bench/passthrough.py) and the
-gateway (`python -m gateway.cli serve`). The same multipart bodies (model, prompt, then image, in
+Servers on 127.0.0.1, each its own process (uvicorn, uvloop + httptools): a lean fake upstream
+(bench/upstream.py), a pass-through proxy baseline (bench/passthrough.py; a second copy with
+--chunked joins the throughput run, re-framing the body as the gateway must) and the gateway
+(`python -m gateway.cli serve`). The same multipart bodies (model, prompt, then image, in
 the OpenAI Python SDK's order) go to all three, so "added" numbers are what each hop costs:
 
   * latency at concurrency 1 for a small edit, interleaved in rounds (fair on a noisy machine);
