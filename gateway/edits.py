@@ -159,7 +159,7 @@ class _Edit:
             max_header_bytes=self.settings.max_part_header_bytes)
         live, leftover = await self._read_until_ready()
         spec = self.spec or self._accept_fields()
-        if live is None:
+        if not live:
             self._final_checks()  # the whole body is read: nothing invalid opens the upstream
         ticket = await self._admit(principal, spec)
         outcome = Outcome(answered=False)
@@ -175,7 +175,7 @@ class _Edit:
         return await self.ep.admission.admit(
             principal, EditRequest(self.request_id, spec, n, stream))
 
-    async def _forward(self, live: Part | None, leftover: list[tuple[int, Any]], ticket: Ticket,
+    async def _forward(self, live: bool, leftover: list[tuple[int, Any]], ticket: Ticket,
                        send: Send, outcome: Outcome) -> None:
         assert self.spec is not None
         upstream = self.ep.upstreams[self.spec.upstream]
@@ -237,24 +237,25 @@ class _Edit:
             self._reader.close()
         return events
 
-    async def _read_until_ready(self) -> tuple[Part | None, list[tuple[int, Any]]]:
-        """Read (spooling files) until the fields are known. Returns the file part to stream
-        live and the events after it, or (None, []) when the whole body was read."""
+    async def _read_until_ready(self) -> tuple[bool, list[tuple[int, Any]]]:
+        """Read (spooling files) until the fields are known. Returns whether the rest streams
+        live (the part just started does) and the events still to handle."""
         while not self.body_done.is_set():
             events = await self._read()
             for i, (kind, payload) in enumerate(events):
                 if kind == PART_START:
-                    if payload.is_file and self._ready(payload):
-                        return payload, events[i + 1:]
-                    self._start_part(payload)
+                    ready = payload.is_file and self._ready()
+                    self._start_part(payload)  # spooled, or with `ready` the first live part
+                    if ready:
+                        return True, events[i + 1:]
                 elif kind == PART_DATA:
                     self._part_data(payload, [])
                 else:
                     self._end_part([])
         self.parsed = True
-        return None, []
+        return False, []
 
-    def _ready(self, part: Part) -> bool:
+    def _ready(self) -> bool:
         """Fields are final enough to stream: model and prompt seen and the combination valid.
 
         A combination that fails may still be fixed by a later field (curl sends fields in any
@@ -262,11 +263,7 @@ class _Edit:
         """
         if "model" not in self.fields or "prompt" not in self.fields:
             return False
-        spec = self._accept_fields(final=False)
-        if spec is None:
-            return False
-        self._check_image_count(part)
-        return True
+        return self._accept_fields(final=False) is not None
 
     def _start_part(self, part: Part) -> None:
         self._part = part
@@ -298,14 +295,14 @@ class _Edit:
             if index == 0:
                 self.first_image_name = client_name
             param = "image" if index == 0 and client_name == "image" else f"image[{index}]"
-            if self.image_field == "image":
-                raise InvalidRequest(
-                    "Duplicate parameter: 'image'. Send several images as 'image[]', or send the"
-                    " files before the text fields.", param=param, code="duplicate_parameter")
             limit = self.spec.max_images if self.spec else self.ep.max_images
             if index >= limit:
                 raise InvalidRequest(f"Too many images: at most {limit} are accepted.",
                                      param=param, code="too_many_images")
+            if self.image_field == "image":
+                raise InvalidRequest(
+                    "Duplicate parameter: 'image'. Send several images as 'image[]', or send the"
+                    " files before the text fields.", param=param, code="duplicate_parameter")
             upload = Upload("image", param, index, b"")
         if self.spec is None:
             upload.spool_start = self._spool().tell()
@@ -462,14 +459,6 @@ class _Edit:
             return spec.mask.max_bytes if spec.mask else 0
         return spec.max_image_bytes
 
-    def _check_image_count(self, part: Part) -> None:
-        assert self.spec is not None
-        if _IMAGE_NAME.fullmatch(part.name) and self.images >= self.spec.max_images:
-            param = f"image[{self.images}]"
-            raise InvalidRequest(
-                f"Too many images: {self.spec.name} takes at most {self.spec.max_images}.",
-                param=param, code="too_many_images")
-
     def _check_upload(self, upload: Upload) -> None:
         spec, info = self.spec, upload.info
         assert spec is not None and info is not None
@@ -546,7 +535,7 @@ class _Edit:
             self.writer.field(name, values[name]) for name in names
             if not (name in rules and rules[name].drop))
 
-    async def _upstream_body(self, live: Part | None,
+    async def _upstream_body(self, live: bool,
                              events: list[tuple[int, Any]]) -> AsyncIterator[bytes]:
         """The upstream multipart body: spooled parts first, then the client's, as they arrive.
 
@@ -555,9 +544,6 @@ class _Edit:
         """
         early = ["model", "prompt", *self.sent]
         out = [self._fields_out(early, self.values)]
-        if live is not None:
-            # Counted before spooled images are named, so `image` vs `image[]` sees it.
-            self._start_part(live)
         for upload in self.uploads:
             if upload is self._upload:
                 continue
@@ -571,7 +557,7 @@ class _Edit:
                 remaining -= len(chunk)
                 yield chunk
             out = [self.writer.file_tail]
-        while live is not None:
+        while live:
             for kind, payload in events:
                 if kind == PART_DATA:
                     self._part_data(payload, out)

@@ -72,6 +72,16 @@ def test_indexed_image_names(gateway: GatewayProcess, upstream: FakeUpstream) ->
     assert [(f.name, f.sha256) for f in upstream.last().files] == [("image[]", sha256(i)) for i in imgs]
 
 
+def test_too_many_spooled_images_never_open_the_upstream(gateway: GatewayProcess,
+                                                         upstream: FakeUpstream) -> None:
+    # Files before the fields are spooled, so the count is judged before the upstream opens.
+    r = post(gateway, [("image", png(256, 256), "a.png"), ("image", png(256, 256), "b.png"),
+                       ("prompt", "x", None), ("model", "dall-e-2", None)])
+    assert r.status_code == 400
+    assert (error_of(r)["param"], error_of(r)["code"]) == ("image[1]", "too_many_images")
+    assert upstream.records == []
+
+
 def test_repeated_plain_image_after_fields_is_refused_like_openai(
         gateway: GatewayProcess, upstream: FakeUpstream) -> None:
     r = post(gateway, [("model", "gpt-image-1", None), ("prompt", "x", None),

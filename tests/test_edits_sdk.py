@@ -233,3 +233,14 @@ def test_several_workers_serve(start_gateway, upstream: FakeUpstream) -> None:
     for _ in range(6):
         client.images.edit(model="gpt-image-1", image=png(), prompt="x")
     assert len(upstream.completed) == 6
+
+
+def test_one_image_too_many_is_cut_off_mid_stream(client: openai.OpenAI,
+                                                  upstream: FakeUpstream) -> None:
+    # The SDK sends the text fields first, so the first image is on its way when the second
+    # shows up: the upstream request is aborted before its body ends.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.images.edit(model="dall-e-2", image=[png(256, 256), png(256, 256)], prompt="x")
+    assert (info.value.param, info.value.code) == ("image[1]", "too_many_images")
+    assert upstream.completed == []
+
