@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway import upstream
     from gateway.catalog import Catalog
     from gateway.settings import load_settings
-    from gateway.upstream import Upstreams
 
     if args.config:
         # Workers are separate processes that load settings themselves, from the environment.
@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ[f"GATEWAY_{key.upper()}"] = str(value)
     settings = load_settings()
     Catalog.from_settings(settings)  # every setting mistake surfaces here, as one line
-    Upstreams(settings)
+    upstream.resolve(settings)
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

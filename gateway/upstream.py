@@ -42,13 +42,8 @@ class Upstreams:
     """The named upstreams of the settings; "default" comes from GATEWAY_UPSTREAM_*."""
 
     def __init__(self, settings: Settings) -> None:
-        configs = {
-            "default": UpstreamSettings(
-                base_url=settings.upstream_base_url, api_key=settings.upstream_api_key),
-            **settings.upstreams,
-        }
         self._by_name: dict[str, Upstream] = {}
-        for name, cfg in configs.items():
+        for name, (cfg, key) in resolve(settings).items():
             connect = cfg.connect_timeout or settings.upstream_connect_timeout
             read = cfg.read_timeout or settings.upstream_read_timeout
             size = cfg.max_connections or settings.upstream_max_connections
@@ -58,7 +53,7 @@ class Upstreams:
                 follow_redirects=False,
                 trust_env=False,
             )
-            self._by_name[name] = Upstream(name, cfg.base_url, _api_key(name, cfg), client)
+            self._by_name[name] = Upstream(name, cfg.base_url, key, client)
 
     def __getitem__(self, name: str) -> Upstream:
         return self._by_name[name]
@@ -66,6 +61,16 @@ class Upstreams:
     async def aclose(self) -> None:
         for upstream in self._by_name.values():
             await upstream.client.aclose()
+
+
+def resolve(settings: Settings) -> dict[str, tuple[UpstreamSettings, str | None]]:
+    """Every upstream with its key; SettingsError when a key's environment variable is unset."""
+    configs = {
+        "default": UpstreamSettings(
+            base_url=settings.upstream_base_url, api_key=settings.upstream_api_key),
+        **settings.upstreams,
+    }
+    return {name: (cfg, _api_key(name, cfg)) for name, cfg in configs.items()}
 
 
 def _api_key(name: str, cfg: UpstreamSettings) -> str | None:
