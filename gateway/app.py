@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,8 +14,9 @@ from starlette.routing import Route
 
 from gateway import __version__
 from gateway.admission import Admission
+from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
-from gateway.edits import EditsEndpoint, Receive, Scope, Send
+from gateway.edits import EditsEndpoint
 from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
 from gateway.settings import Settings, load_settings
 from gateway.upstream import Upstreams
@@ -32,15 +34,25 @@ class Gateway:
         self.edits = edits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == EDITS_PATH and scope["method"] == "POST":
+        if scope["type"] != "http":
+            await self.api(scope, receive, send)
+        elif scope["path"] == EDITS_PATH and scope["method"] == "POST":
             await self.edits(scope, receive, send)
         else:
-            await self.api(scope, receive, send)
+            rid = request_id(headers_of(scope)).encode()
+
+            async def send_with_id(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
+                await send(message)
+
+            await self.api(scope, receive, send_with_id)
 
 
 def create_app(settings: Settings | None = None, admission: Admission | None = None) -> Gateway:
     """Build the app; with no arguments, settings come from GATEWAY_CONFIG and the environment."""
     settings = settings or load_settings()
+    _configure_logging(settings.log_level)
     catalog = Catalog.from_settings(settings)
     upstreams = Upstreams(settings)
     admission = admission or Admission()
@@ -79,6 +91,17 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     return Gateway(app, edits)
+
+
+def _configure_logging(level: str) -> None:
+    """The gateway's own loggers print beside uvicorn's, at the configured level."""
+    logger = logging.getLogger("gateway")
+    logger.setLevel(level.upper())
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def _model(spec: ModelSpec) -> dict[str, object]:

@@ -111,9 +111,8 @@ class FieldRule(BaseModel):
             problems.append(f"it must have at least {self.min_pixels} pixels")
         if self.max_pixels and w * h > self.max_pixels:
             problems.append(f"it must have at most {self.max_pixels} pixels")
-        if self.kind != "size" or problems:
-            detail = "; ".join(problems) or "it is not one of the supported sizes"
-            raise InvalidRequest(f"Invalid size '{raw}': {detail}.", param=name)
+        if problems:
+            raise InvalidRequest(f"Invalid size '{raw}': {'; '.join(problems)}.", param=name)
 
 
 def _invalid(name: str, raw: str, allowed: Iterable[str]) -> InvalidRequest:

@@ -18,14 +18,14 @@ import json
 import logging
 import re
 import tempfile
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import IO, Any
 
 import httpx
 
 from gateway.admission import Admission, EditRequest, Outcome, Principal, Ticket
+from gateway.asgi import Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, UpstreamUnavailable
 from gateway.multipart import (
@@ -37,23 +37,47 @@ from gateway.multipart import (
     boundary_of,
 )
 from gateway.settings import Settings
-from gateway.sniff import ImageError, ImageInfo, sniff
+from gateway.sniff import SNIFF_LIMIT, ImageError, ImageInfo, sniff
 from gateway.upstream import Upstreams, transport_error
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 log = logging.getLogger("gateway.edits")
 
 _IMAGE_NAME = re.compile(r"image(\[\d*\])?")
-_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 # Upstream answer headers worth passing on; hop-by-hop and rate-limit headers are the gateway's.
-_PASS_HEADERS = ("content-type", "content-length", "cache-control", "openai-processing-ms",
-                 "openai-version")
+_PASS_HEADERS = ("content-type", "content-length", "content-encoding", "cache-control",
+                 "openai-processing-ms", "openai-version", "retry-after", "retry-after-ms",
+                 "x-should-retry")
 _STREAM_ERROR = b"event: error\ndata: %s\n\n"
+# Fields admission sees, with the value a request that leaves them out is admitted with.
+_ADMITTED = {"n": "1", "stream": "false"}
+
+
+class EventFramer:
+    """Passes an SSE stream on in whole events, holding back an incomplete last one, so that an
+    error event written after an upstream failure never lands inside a half-sent event."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buf)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events received so far (b"" if none yet)."""
+        if not self._buf and chunk.endswith(b"\n\n"):
+            return chunk  # the usual case: the upstream writes whole events
+        start = max(0, len(self._buf) - 3)
+        self._buf += chunk
+        lf = self._buf.rfind(b"\n\n", start)
+        crlf = self._buf.rfind(b"\r\n\r\n", start)
+        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        if not end:
+            return b""
+        out = bytes(self._buf[:end])
+        del self._buf[:end]
+        return out
 
 
 class ClientGone(Exception):
@@ -68,8 +92,10 @@ class Upload:
     param: str  # how errors name it: image, image[1], mask
     index: int
     head: bytes | bytearray  # bytes kept until the header is sniffed
+    sniffed: int = 0  # len(head) at the last sniff
     info: ImageInfo | None = None
     size: int = 0
+    spooled: bool = False  # its bytes wait in the request's spool
     spool_start: int = 0
 
     @property
@@ -89,29 +115,31 @@ class EditsEndpoint:
         self.admission = admission
         # Default: the largest request the catalog allows, plus room for text fields and framing.
         self.max_body = settings.max_body_bytes or catalog.max_request_bytes + 1024 * 1024
+        specs = [*catalog.models.values(), *filter(None, [catalog.passthrough])]
         self.max_file_bytes = max(
-            max(m.max_image_bytes, m.mask.max_bytes if m.mask else 0)
-            for m in [*catalog.models.values(), *filter(None, [catalog.passthrough])])
-        self.max_images = max(m.max_images for m in catalog.models.values())
+            max(m.max_image_bytes, m.mask.max_bytes if m.mask else 0) for m in specs)
+        self.max_images = max(m.max_images for m in specs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = _headers(scope)
-        rid = headers.get("x-request-id", "")
-        request_id = rid if _REQUEST_ID.fullmatch(rid) else f"req_{uuid.uuid4().hex}"
-        edit = _Edit(self, receive, request_id)
+        headers = headers_of(scope)
+        rid = request_id(headers)
+        edit = _Edit(self, receive, rid)
         try:
             await edit.run(headers, send)
         except GatewayError as exc:
-            await edit.fail(send, exc)
+            if edit.response_started:
+                log.warning("request %s: error after the answer began: %s", rid, exc)
+            else:
+                await edit.fail(send, exc)
         except ClientGone:
-            log.info("client disconnected", extra={"request_id": request_id})
+            log.info("request %s: client disconnected", rid)
         except httpx.TransportError as exc:
             # The upstream broke off a JSON answer already under way: returning without
             # completing it makes the server cut the connection, so the client sees a broken
             # response rather than a wrong one.
-            log.warning("upstream failed mid-answer: %r", exc, extra={"request_id": request_id})
+            log.warning("request %s: upstream failed mid-answer: %r", rid, exc)
         except Exception:
-            log.exception("internal error", extra={"request_id": request_id})
+            log.exception("request %s: internal error", rid)
             if not edit.response_started:
                 await edit.fail(send, GatewayError("The gateway failed to handle the request."))
         finally:
@@ -140,6 +168,7 @@ class _Edit:
         self.first_image_name = ""
         self.image_field = ""  # the upstream name of image parts, once decided
         self.spec: ModelSpec | None = None
+        self.final_values: dict[str, str] | None = None  # set once every field is known
         self.spool: IO[bytes] | None = None
         self.writer = MultipartWriter()
         self._part: Part | None = None
@@ -157,16 +186,28 @@ class _Edit:
         self._reader = MultipartReader(
             boundary, max_parts=self.settings.max_parts,
             max_header_bytes=self.settings.max_part_header_bytes)
-        live, leftover = await self._read_until_ready()
+        live, events = await self._read_until_ready()
         spec = self.spec or self._accept_fields()
+        prepared: list[bytes] = []
+        if live and self.body_done.is_set():
+            # The rest of the body is already here (small requests arrive in one message):
+            # handle it now, so that nothing invalid in it opens the upstream.
+            self._handle(events, prepared)
+            live, events = False, []
         if not live:
-            self._final_checks()  # the whole body is read: nothing invalid opens the upstream
+            self.parsed = True
+            self.final_values = self._final_checks()
         ticket = await self._admit(principal, spec)
         outcome = Outcome(answered=False)
         try:
-            await self._race_disconnect(self._forward(live, leftover, ticket, send, outcome))
+            await self._race_disconnect(
+                self._forward(live, events, prepared, ticket, send, outcome))
         finally:
-            await ticket.finish(outcome)
+            try:
+                await ticket.finish(outcome)
+            except Exception:
+                # Never let the bookkeeping hide how the request itself ended.
+                log.exception("request %s: admission finish failed", self.request_id)
 
     async def _admit(self, principal: Principal, spec: ModelSpec) -> Ticket:
         n_value = self.values.get("n", "1")  # unchecked for pass-through models
@@ -175,12 +216,13 @@ class _Edit:
         return await self.ep.admission.admit(
             principal, EditRequest(self.request_id, spec, n, stream))
 
-    async def _forward(self, live: bool, leftover: list[tuple[int, Any]], ticket: Ticket,
-                       send: Send, outcome: Outcome) -> None:
+    async def _forward(self, live: bool, events: list[tuple[int, Any]], prepared: list[bytes],
+                       ticket: Ticket, send: Send, outcome: Outcome) -> None:
         assert self.spec is not None
         upstream = self.ep.upstreams[self.spec.upstream]
         request = upstream.edit_request(
-            self._upstream_body(live, leftover), self.writer.content_type, self.request_id)
+            self._upstream_body(live, events, prepared), self.writer.content_type,
+            self.request_id)
         try:
             response = await upstream.client.send(request, stream=True)
         except httpx.TransportError as exc:
@@ -249,19 +291,20 @@ class _Edit:
                     if ready:
                         return True, events[i + 1:]
                 elif kind == PART_DATA:
-                    self._part_data(payload, [])
+                    self._part_data(payload, [])  # spooled: nothing goes upstream yet
                 else:
                     self._end_part([])
         self.parsed = True
         return False, []
 
     def _ready(self) -> bool:
-        """Fields are final enough to stream: model and prompt seen and the combination valid.
+        """Fields are final enough to stream: the prompt seen (the model too, or the default
+        stands) and the combination valid.
 
         A combination that fails may still be fixed by a later field (curl sends fields in any
         order), so it keeps the request spooling; the end of the body decides.
         """
-        if "model" not in self.fields or "prompt" not in self.fields:
+        if "prompt" not in self.fields:
             return False
         return self._accept_fields(final=False) is not None
 
@@ -305,7 +348,11 @@ class _Edit:
                     " files before the text fields.", param=param, code="duplicate_parameter")
             upload = Upload("image", param, index, b"")
         if self.spec is None:
+            upload.spooled = True
             upload.spool_start = self._spool().tell()
+        elif kind == "mask" and self.spec.mask is None:
+            raise InvalidRequest(f"'mask' is not supported by model '{self.spec.name}'.",
+                                 param="mask", code="unsupported_parameter")
         self.uploads.append(upload)
         return upload
 
@@ -332,7 +379,11 @@ class _Edit:
                 if not isinstance(upload.head, bytearray):
                     upload.head = bytearray(upload.head)
                 upload.head += data
-            self._sniff(upload, final=False)
+            # Re-walk the header only when the buffer has doubled: a header dribbled in tiny
+            # chunks must not cost quadratic time.
+            if len(upload.head) >= min(2 * upload.sniffed, SNIFF_LIMIT):
+                upload.sniffed = len(upload.head)
+                self._sniff(upload, final=False)
             if upload.info is not None:
                 if self.spec is not None:
                     out += (self._file_head(upload), upload.head)
@@ -379,8 +430,10 @@ class _Edit:
         if self.spool is None:
             # An unnamed temp file (O_TMPFILE, mode 0600) once past the memory bound: nothing to
             # clean up even if the process dies. Writes hit the page cache, so they stay inline.
-            self.spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed in close()
-                max_size=self.settings.spool_memory_bytes, dir=self.settings.spool_dir)
+            memory, where = self.settings.spool_memory_bytes, self.settings.spool_dir
+            self.spool = (  # closed in close()
+                tempfile.SpooledTemporaryFile(max_size=memory, dir=where)  # noqa: SIM115
+                if memory else tempfile.TemporaryFile(dir=where))  # noqa: SIM115
         return self.spool
 
     # ---------------------------------------------------------------------- validation
@@ -417,6 +470,7 @@ class _Edit:
                 limit = self._size_limit(upload)
                 raise InvalidRequest(f"'{upload.param}' is larger than {limit} bytes.",
                                      param=upload.param, code="image_too_large")
+        self._check_mask()
         if self.images > spec.max_images:
             param = f"image[{spec.max_images}]"
             raise InvalidRequest(f"Too many images: {spec.name} takes at most {spec.max_images}.",
@@ -443,12 +497,22 @@ class _Edit:
         return out
 
     def _late_field(self, name: str, raw: str) -> None:
-        """A text field after streaming began: checked alone now, in combination at the end."""
+        """A text field after streaming began: checked alone now, in combination at the end.
+
+        The fields admission decided on (model, n, stream) cannot change any more.
+        """
         assert self.spec is not None
-        if name in ("model", "prompt"):
-            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name,
+        if name == "prompt":
+            raise InvalidRequest("Duplicate parameter: 'prompt'.", param=name,
                                  code="duplicate_parameter")
-        self.values[name] = self._normalize(self.spec, name, raw)
+        if name == "model":
+            if raw.strip() != self.spec.name:
+                raise InvalidRequest("'model' must be sent before the image files.", param=name)
+            return
+        value = self._normalize(self.spec, name, raw)
+        if name in _ADMITTED and value != _ADMITTED[name]:
+            raise InvalidRequest(f"'{name}' must be sent before the image files.", param=name)
+        self.values[name] = value
         self.sent.append(name)
 
     def _size_limit(self, upload: Upload) -> int:
@@ -535,9 +599,20 @@ class _Edit:
             self.writer.field(name, values[name]) for name in names
             if not (name in rules and rules[name].drop))
 
-    async def _upstream_body(self, live: bool,
-                             events: list[tuple[int, Any]]) -> AsyncIterator[bytes]:
-        """The upstream multipart body: spooled parts first, then the client's, as they arrive.
+    def _handle(self, events: list[tuple[int, Any]], out: list[bytes]) -> None:
+        """Handle parser events once the model is known, adding upstream bytes to out."""
+        for kind, payload in events:
+            if kind == PART_DATA:
+                self._part_data(payload, out)
+            elif kind == PART_START:
+                self._start_part(payload)
+            else:
+                self._end_part(out)
+
+    async def _upstream_body(self, live: bool, events: list[tuple[int, Any]],
+                             prepared: list[bytes]) -> AsyncIterator[bytes]:
+        """The upstream multipart body: fields, spooled files, then the client's parts as they
+        arrive (or as already handled, in `prepared`).
 
         One write per client message: framing is joined to the data around it, and a message
         that is all file data passes through without a copy.
@@ -545,7 +620,7 @@ class _Edit:
         early = ["model", "prompt", *self.sent]
         out = [self._fields_out(early, self.values)]
         for upload in self.uploads:
-            if upload is self._upload:
+            if not upload.spooled:
                 continue
             out.append(self._file_head(upload))
             yield b"".join(out)
@@ -557,22 +632,20 @@ class _Edit:
                 remaining -= len(chunk)
                 yield chunk
             out = [self.writer.file_tail]
-        while live:
-            for kind, payload in events:
-                if kind == PART_DATA:
-                    self._part_data(payload, out)
-                elif kind == PART_START:
-                    self._start_part(payload)
-                else:
-                    self._end_part(out)
-            if self.body_done.is_set():
-                break
-            if out:
-                yield out[0] if len(out) == 1 else b"".join(out)
-                out = []
-            events = await self._read()
-        self.parsed = True
-        values = self._final_checks()
+        out += prepared
+        values = self.final_values
+        if live:
+            while True:
+                self._handle(events, out)
+                if self.body_done.is_set():
+                    break
+                if out:
+                    yield out[0] if len(out) == 1 else b"".join(out)
+                    out = []
+                events = await self._read()
+            self.parsed = True
+            values = self._final_checks()
+        assert values is not None
         late = [n for n in values if n not in early]
         out.append(self._fields_out(late, values) + self.writer.close())
         yield b"".join(out)
@@ -582,8 +655,8 @@ class _Edit:
         if response.status_code == 401:
             # The upstream refused the gateway's own key: the operator's problem, never the
             # client's, and the upstream's message may echo part of that key.
-            log.error("upstream rejected the gateway's API key", extra={
-                "request_id": self.request_id, "upstream": self.spec.upstream if self.spec else ""})
+            log.error("request %s: upstream '%s' rejected the gateway's API key",
+                      self.request_id, self.spec.upstream if self.spec else "")
             raise UpstreamUnavailable("The upstream rejected the gateway's credentials.")
         headers = [(k.encode(), v.encode()) for k in _PASS_HEADERS
                    if (v := response.headers.get(k)) is not None]
@@ -591,16 +664,23 @@ class _Edit:
         upstream_id = response.headers.get("x-request-id")
         if upstream_id:
             headers.append((b"x-upstream-request-id", upstream_id.encode()))
-        is_sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        framer = EventFramer() if sse else None
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         self.response_started = True
         try:
             async for chunk in response.aiter_raw():
+                if framer is not None and not (chunk := framer.feed(chunk)):
+                    continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if framer is not None and framer.pending:
+                await send({"type": "http.response.body", "body": framer.pending,
+                            "more_body": True})
         except httpx.TransportError as exc:
-            if not is_sse:
+            if framer is None:
                 raise  # cut the JSON answer off: a broken response, never a wrong one
+            # The half-received event is dropped, so the error event stands on its own.
             error = transport_error(exc, self.spec.upstream if self.spec else "")
             event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
             await send({"type": "http.response.body",
@@ -616,7 +696,7 @@ class _Edit:
 
     async def fail(self, send: Send, exc: GatewayError) -> None:
         """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts)."""
-        if self._reader is not None and not self.body_done.is_set() and exc.status != 413:
+        if not self.body_done.is_set() and exc.status != 413:
             await self._drain()
         body = exc.body()
         headers = [(b"content-type", b"application/json"),
@@ -642,8 +722,4 @@ class _Edit:
     def close(self) -> None:
         if self.spool is not None:
             self.spool.close()
-
-
-def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 

@@ -34,6 +34,7 @@ class UpstreamSettings(BaseModel):
     api_key_env: str | None = Field(None, description="environment variable holding the key")
     connect_timeout: float | None = Field(None, gt=0)
     read_timeout: float | None = Field(None, gt=0)
+    write_timeout: float | None = Field(None, gt=0)
     max_connections: int | None = Field(None, ge=1)
 
     @field_validator("base_url")
@@ -63,6 +64,8 @@ class Settings(BaseSettings):
     upstream_connect_timeout: float = Field(10.0, gt=0)
     # The longest silence allowed between upstream bytes: image generations take minutes.
     upstream_read_timeout: float = Field(600.0, gt=0)
+    # The longest an upstream may leave a body write pending (it stopped reading).
+    upstream_write_timeout: float = Field(60.0, gt=0)
     upstream_max_connections: int = Field(512, ge=1)
     upstreams: dict[str, UpstreamSettings] = {}
 
@@ -86,7 +89,7 @@ class Settings(BaseSettings):
 
     # Files that arrive before the text fields wait here (memory first, then an unnamed temp file).
     spool_dir: Path | None = None
-    spool_memory_bytes: int = Field(1024 * 1024, ge=0)
+    spool_memory_bytes: int = Field(1024 * 1024, ge=0)  # 0: straight to disk
 
     @field_validator("upstream_base_url")
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -19,7 +19,7 @@ USER_AGENT = f"image-gateway/{__version__}"
 class Upstream:
     name: str
     base_url: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     client: httpx.AsyncClient
 
     def edit_request(self, body: AsyncIterable[bytes], content_type: str,
@@ -27,7 +27,7 @@ class Upstream:
         headers = {
             "content-type": content_type,
             "accept": "application/json, text/event-stream",
-            # Identity, so the gateway can read usage from the answer it passes through.
+            # Identity, so the answer's usage stays readable to the gateway (quotas, metrics).
             "accept-encoding": "identity",
             "user-agent": USER_AGENT,
             "x-request-id": request_id,
@@ -46,9 +46,10 @@ class Upstreams:
         for name, (cfg, key) in resolve(settings).items():
             connect = cfg.connect_timeout or settings.upstream_connect_timeout
             read = cfg.read_timeout or settings.upstream_read_timeout
+            write = cfg.write_timeout or settings.upstream_write_timeout
             size = cfg.max_connections or settings.upstream_max_connections
             client = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=connect, read=read, write=read, pool=connect),
+                timeout=httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
                 follow_redirects=False,
                 trust_env=False,

@@ -66,6 +66,8 @@ class Behaviour:
     cut_after_events: int | None = None  # SSE: drop the connection after this many events
     event_delay: float = 0.0
     cut_json: bool = False  # send half the JSON body, then drop the connection
+    cut_mid_event: bool = False  # SSE: drop the connection halfway through the second event
+    headers: dict[str, str] = field(default_factory=dict)  # extra answer headers
     usage: dict[str, Any] = field(default_factory=lambda: {
         "input_tokens": 50, "output_tokens": 200, "total_tokens": 250,
         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}})
@@ -163,7 +165,7 @@ class FakeUpstream:
 
     async def _answer(self, record: Recorded, upstream_id: str) -> Response:
         b = self.behaviour
-        headers = {"x-request-id": upstream_id, "openai-processing-ms": "42"}
+        headers = {"x-request-id": upstream_id, "openai-processing-ms": "42", **b.headers}
         if b.error is not None or b.status != 200:
             error = b.error or {"message": "upstream failure", "type": "server_error",
                                 "param": None, "code": None}
@@ -195,7 +197,12 @@ class FakeUpstream:
                 data = {"type": kind, "b64_json": IMAGE_B64, "created_at": int(time.time()),
                         "size": "1024x1024", "quality": "low", "background": "opaque",
                         "output_format": "png", **extra}
-                yield f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                event = f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+                if b.cut_mid_event and sent == 1:
+                    yield event[: len(event) // 2]
+                    await asyncio.sleep(0.05)
+                    raise ConnectionResetError("fake upstream cuts an event in half")
+                yield event
                 sent += 1
                 if b.event_delay:
                     await asyncio.sleep(b.event_delay)

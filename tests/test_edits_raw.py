@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -98,10 +101,58 @@ def test_late_fields_after_streaming_began(gateway: GatewayProcess, upstream: Fa
     assert r.status_code == 200, r.text
     assert upstream.last().field("quality") == "low"
 
+    # A small body arrives whole: the late field is judged before the upstream opens.
     upstream.reset()
     r = post(gateway, [("model", "gpt-image-1", None), ("prompt", "x", None),
                        ("image", png(), "a.png"), ("output_compression", "80", None)])
     assert r.status_code == 400 and error_of(r)["param"] == "output_compression"
+    assert upstream.records == []
+
+    # A large one is already streaming: the upstream request is cut off before its end.
+    r = post(gateway, [("model", "gpt-image-1", None), ("prompt", "x", None),
+                       ("image", png(size=4_000_000), "a.png"), ("quality", "ultra", None)])
+    assert r.status_code == 400 and error_of(r)["param"] == "quality"
+    upstream.wait_for(lambda: upstream.records and upstream.records[-1].aborted)
+    assert upstream.completed == []
+
+
+@pytest.mark.parametrize(("name", "value"), [("n", "3"), ("stream", "true"),
+                                             ("model", "dall-e-2")])
+def test_fields_admission_decided_on_cannot_come_late(
+        gateway: GatewayProcess, upstream: FakeUpstream, name: str, value: str) -> None:
+    fields = [("prompt", "x", None)] + ([] if name == "model" else [("model", "gpt-image-1", None)])
+    r = post(gateway, [*fields, ("image", png(size=4_000_000), "a.png"), (name, value, None)])
+    assert r.status_code == 400
+    assert error_of(r)["param"] == name and "before the image files" in error_of(r)["message"]
+    assert upstream.completed == []
+
+
+def test_late_fields_equal_to_what_was_admitted_are_fine(gateway: GatewayProcess,
+                                                         upstream: FakeUpstream) -> None:
+    r = post(gateway, [("prompt", "x", None), ("image", png(), "a.png"), ("n", "1", None),
+                       ("model", "gpt-image-1", None)])
+    assert r.status_code == 200, r.text
+    assert upstream.last().field("n") == "1" and upstream.last().field("model") == "gpt-image-1"
+
+
+def test_spooled_mask_of_the_wrong_size_never_opens_the_upstream(
+        gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+    r = post(gateway, [("image", png(64, 64), "a.png"), ("mask", png(32, 32, alpha=True), "m.png"),
+                       ("prompt", "x", None)])
+    assert r.status_code == 400 and error_of(r)["param"] == "mask"
+    assert upstream.records == []
+
+
+def test_mask_for_a_model_without_masks(start_gateway: Callable[..., GatewayProcess],
+                                        upstream: FakeUpstream) -> None:
+    gw = start_gateway(config='[models."no-mask"]\nextends = "gpt-image-1"\nmask = false\n')
+    for parts in ([("model", "no-mask", None), ("prompt", "x", None), ("image", png(), "a.png"),
+                   ("mask", png(alpha=True), "m.png")],
+                  [("mask", png(alpha=True), "m.png"), ("image", png(), "a.png"),
+                   ("model", "no-mask", None), ("prompt", "x", None)]):
+        r = post(gw, parts)
+        assert r.status_code == 400
+        assert (error_of(r)["param"], error_of(r)["code"]) == ("mask", "unsupported_parameter")
     assert upstream.completed == []
 
 
@@ -215,12 +266,13 @@ def test_default_body_limit_fits_the_largest_catalog_request(
         assert head.startswith("HTTP/1.1 413") == (status == 413), head
 
 
+@pytest.mark.parametrize("with_model", [True, False], ids=["model", "default-model"])
 def test_upload_streams_upstream_before_the_client_finishes(
-        gateway: GatewayProcess, upstream: FakeUpstream) -> None:
+        gateway: GatewayProcess, upstream: FakeUpstream, with_model: bool) -> None:
     """The first 4 MB of a 12 MB image reach the upstream while the client still holds the rest."""
     img = png(1024, 1024, size=12 * 1024 * 1024)
-    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
-                             ("image", img, "a.png")])
+    model = [("model", "gpt-image-1", None)] if with_model else []
+    body, ctype = multipart([*model, ("prompt", "x", None), ("image", img, "a.png")])
     released = asyncio.Event()
     seen_while_paused: list[int] = []
 
@@ -275,16 +327,52 @@ def test_client_leaving_while_upstream_works_cancels_it(
     assert upstream.records[0].completed and time.monotonic() - t0 < 2.5
 
 
-def test_spooled_files_use_the_spool_dir_and_leave_nothing(
-        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream, tmp_path) -> None:
+def _open_files_in(pid: int, directory: Path) -> list[tuple[str, int]]:
+    """(path, mode) of the files a process holds open in directory: unnamed ones included."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(directory)):
+                found.append((target, os.stat(fd).st_mode & 0o777))
+    return found
+
+
+def test_spooled_files_use_the_spool_dir_privately_and_leave_nothing(
+        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
     gw = start_gateway(spool_dir=spool, spool_memory_bytes=65536)
     imgs = [png(64, 64, size=3_000_000), png(64, 64, size=2_000_000)]
-    r = post(gw, [("image", imgs[0], "a.png"), ("image", imgs[1], "b.png"), ("prompt", "x", None)])
+    body, ctype = multipart([("image", imgs[0], "a.png"), ("image", imgs[1], "b.png"),
+                             ("prompt", "x", None)])
+    released = asyncio.Event()
+    held: list[list[tuple[str, int]]] = []
+
+    async def paused_body() -> AsyncIterator[bytes]:
+        yield body[:4_000_000]  # the first image and part of the second: spooled, not sent
+        await released.wait()
+        yield body[4_000_000:]
+
+    async def scenario() -> httpx.Response:
+        async with httpx.AsyncClient(timeout=30) as http:
+            task = asyncio.create_task(http.post(f"{gw.url}/v1/images/edits", content=paused_body(),
+                                                 headers={"content-type": ctype}))
+            deadline = time.monotonic() + 10
+            while not (files := _open_files_in(gw.proc.pid, spool)):
+                assert time.monotonic() < deadline, "nothing was spooled to spool_dir"
+                await asyncio.sleep(0.02)
+            held.append(files)
+            released.set()
+            return await task
+
+    r = asyncio.run(scenario())
     assert r.status_code == 200, r.text
+    [(path, mode)] = held[0]
+    assert path.endswith("(deleted)") and mode == 0o600  # unnamed, the gateway's user only
+    assert upstream.records[0].bytes_received > 0 and upstream.completed  # streamed after
     assert [f.sha256 for f in upstream.last().files] == [sha256(i) for i in imgs]
-    assert list(spool.iterdir()) == []
+    assert _open_files_in(gw.proc.pid, spool) == [] and list(spool.iterdir()) == []
 
 
 def test_unknown_fields_and_models_may_pass_through(start_gateway: Callable[..., GatewayProcess],

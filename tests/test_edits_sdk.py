@@ -193,16 +193,22 @@ def test_silent_upstream_is_504(start_gateway, upstream: FakeUpstream) -> None:
     assert info.value.code == "upstream_timeout"
 
 
+@pytest.mark.parametrize("cut", ["between-events", "mid-event"])
 def test_stream_broken_mid_way_ends_with_an_error_event(client: openai.OpenAI,
-                                                        upstream: FakeUpstream) -> None:
-    upstream.behaviour.cut_after_events = 2
+                                                        upstream: FakeUpstream, cut: str) -> None:
+    if cut == "mid-event":
+        upstream.behaviour.cut_mid_event = True  # the half event is dropped, not corrupted
+        expected = ["image_edit.partial_image"]
+    else:
+        upstream.behaviour.cut_after_events = 2
+        expected = ["image_edit.partial_image", "image_edit.partial_image"]
     stream = client.images.edit(model="gpt-image-1", image=png(), prompt="x", stream=True,
                                 partial_images=3)
     seen = []
     with pytest.raises(openai.APIError) as info:
         for event in stream:
             seen.append(event.type)
-    assert seen == ["image_edit.partial_image", "image_edit.partial_image"]
+    assert seen == expected
     assert "upstream" in info.value.message
 
 
@@ -244,3 +250,26 @@ def test_one_image_too_many_is_cut_off_mid_stream(client: openai.OpenAI,
     assert (info.value.param, info.value.code) == ("image[1]", "too_many_images")
     assert upstream.completed == []
 
+
+
+def test_upstream_retry_advice_reaches_the_client(client: openai.OpenAI,
+                                                  upstream: FakeUpstream) -> None:
+    upstream.behaviour.status = 429
+    upstream.behaviour.error = {"message": "slow down", "type": "requests", "param": None,
+                                "code": "rate_limit_exceeded"}
+    upstream.behaviour.headers = {"retry-after": "7", "retry-after-ms": "7000",
+                                  "x-should-retry": "false"}
+    with pytest.raises(openai.RateLimitError) as info:
+        client.images.edit(model="gpt-image-1", image=png(), prompt="x")
+    headers = info.value.response.headers
+    assert (headers["retry-after"], headers["retry-after-ms"], headers["x-should-retry"]) == (
+        "7", "7000", "false")
+
+
+def test_every_answer_carries_a_request_id(gateway: GatewayProcess) -> None:
+    import httpx
+
+    for path in ("/v1/models", "/v1/nothing", "/healthz"):
+        assert httpx.get(f"{gateway.url}{path}").headers["x-request-id"].startswith("req_")
+    r = httpx.get(f"{gateway.url}/v1/models", headers={"x-request-id": "mine-1"})
+    assert r.headers["x-request-id"] == "mine-1"
