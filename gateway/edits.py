@@ -45,9 +45,10 @@ log = logging.getLogger("gateway.edits")
 _IMAGE_NAME = re.compile(r"image(\[\d*\])?")
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 # Upstream answer headers worth passing on; hop-by-hop and rate-limit headers are the gateway's.
-_PASS_HEADERS = ("content-type", "content-length", "content-encoding", "cache-control",
-                 "openai-processing-ms", "openai-version", "retry-after", "retry-after-ms",
-                 "x-should-retry")
+_PASS_HEADERS = frozenset({
+    b"content-type", b"content-length", b"content-encoding", b"cache-control",
+    b"openai-processing-ms", b"openai-version", b"retry-after", b"retry-after-ms",
+    b"x-should-retry"})
 _STREAM_ERROR = b"event: error\ndata: %s\n\n"
 # Fields admission sees, with the value a request that leaves them out is admitted with.
 _ADMITTED = {"n": "1", "stream": "false"}
@@ -658,13 +659,15 @@ class _Edit:
             log.error("request %s: upstream '%s' rejected the gateway's API key",
                       self.request_id, self.spec.upstream if self.spec else "")
             raise UpstreamUnavailable("The upstream rejected the gateway's credentials.")
-        headers = [(k.encode(), v.encode()) for k in _PASS_HEADERS
-                   if (v := response.headers.get(k)) is not None]
-        headers += self._common_headers(ticket)
-        upstream_id = response.headers.get("x-request-id")
-        if upstream_id:
-            headers.append((b"x-upstream-request-id", upstream_id.encode()))
-        sse = response.headers.get("content-type", "").startswith("text/event-stream")
+        headers = self._common_headers(ticket)
+        sse = False
+        for key, value in response.headers.raw:
+            key = key.lower()
+            if key in _PASS_HEADERS:
+                headers.append((key, value))
+                sse = sse or (key == b"content-type" and value.startswith(b"text/event-stream"))
+            elif key == b"x-request-id":
+                headers.append((b"x-upstream-request-id", value))
         framer = EventFramer() if sse else None
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})

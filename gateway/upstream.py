@@ -21,21 +21,16 @@ class Upstream:
     base_url: str
     api_key: str | None = field(repr=False)
     client: httpx.AsyncClient
+    edits_url: str = field(init=False)
 
     def edit_request(self, body: AsyncIterable[bytes], content_type: str,
                      request_id: str) -> httpx.Request:
-        headers = {
-            "content-type": content_type,
-            "accept": "application/json, text/event-stream",
-            # Identity, so the answer's usage stays readable to the gateway (quotas, metrics).
-            "accept-encoding": "identity",
-            "user-agent": USER_AGENT,
-            "x-request-id": request_id,
-        }
-        if self.api_key:
-            headers["authorization"] = f"Bearer {self.api_key}"
-        return self.client.build_request(
-            "POST", f"{self.base_url}/images/edits", headers=headers, content=body)
+        """The edit request; the headers every request shares live on the client."""
+        headers = {"content-type": content_type, "x-request-id": request_id}
+        return self.client.build_request("POST", self.edits_url, headers=headers, content=body)
+
+    def __post_init__(self) -> None:
+        self.edits_url = f"{self.base_url}/images/edits"
 
 
 class Upstreams:
@@ -48,7 +43,16 @@ class Upstreams:
             read = cfg.read_timeout or settings.upstream_read_timeout
             write = cfg.write_timeout or settings.upstream_write_timeout
             size = cfg.max_connections or settings.upstream_max_connections
+            headers = {
+                "accept": "application/json, text/event-stream",
+                # Identity, so the answer's usage stays readable to the gateway (quotas, metrics).
+                "accept-encoding": "identity",
+                "user-agent": USER_AGENT,
+            }
+            if key:
+                headers["authorization"] = f"Bearer {key}"
             client = httpx.AsyncClient(
+                headers=headers,
                 timeout=httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
                 limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
                 follow_redirects=False,
