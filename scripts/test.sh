@@ -4,6 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Debian packages the tests run for real (each started by the tests on a free port).
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+if ((${#missing[@]})); then
+  apt-get update
+  apt-get install -y "${missing[@]}"
+fi
+
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e '.[test]'
