@@ -1,15 +1,41 @@
 """The admission step between reading the fields and opening the upstream request.
 
-The route calls `authenticate` before reading the body and `admit` once the fields are valid;
-`Ticket.finish` is called exactly once, however the request ends. This issue ships the open
-gateway (`OpenAdmission`); keys and quotas plug in here without reshaping the route.
+The route calls `authenticate` before reading the body (401), `check_model` once the model is
+known (403), validates the fields (400), then `admit` (429), so a bad request never spends
+quota; `Ticket.finish` is called exactly once, however the request ends. `Admission` is the
+open gateway (no keys configured); `QuotaAdmission` enforces per-key limits through a store.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+import uuid
 from dataclasses import dataclass, field
 
 from gateway.catalog import ModelSpec
+from gateway.errors import (
+    Forbidden,
+    QuotaExceeded,
+    RateLimited,
+    ServiceUnavailable,
+    Unauthorized,
+)
+from gateway.keys import KeyRecord, bearer_secret, hash_secret, id_for_hash
+from gateway.quota.base import (
+    CONCURRENCY,
+    IMAGES,
+    MODEL,
+    OK,
+    RPM,
+    UNKNOWN_KEY,
+    QuotaStore,
+    StoreUnavailable,
+    Window,
+)
+
+log = logging.getLogger("gateway.admission")
 
 
 @dataclass(slots=True)
@@ -28,8 +54,8 @@ class Outcome:
 
     answered: bool
     status: int | None = None
+    images: int | None = None  # final images the answer carried, when the gateway counted them
     usage: dict[str, int] = field(default_factory=dict)
-    images: int = 0
 
 
 class Principal:
@@ -53,6 +79,9 @@ class Admission:
     async def authenticate(self, authorization: str | None) -> Principal:
         return _ANONYMOUS
 
+    def check_model(self, principal: Principal, model: str) -> None:
+        return None
+
     async def admit(self, principal: Principal, edit: EditRequest) -> Ticket:
         return _OPEN_TICKET
 
@@ -60,6 +89,140 @@ class Admission:
         return None
 
 
-OpenAdmission = Admission
 _ANONYMOUS = Principal()
 _OPEN_TICKET = Ticket()
+
+
+# ----------------------------------------------------------------------------- keys and quotas
+class KeyPrincipal(Principal):
+    def __init__(self, record: KeyRecord, key_hash: str) -> None:
+        self.record = record
+        self.hash = key_hash
+        self.id = record.id
+
+
+class QuotaTicket(Ticket):
+    def __init__(self, admission: QuotaAdmission, key_id: str, lease: str, n: int,
+                 headers: dict[str, str]) -> None:
+        self.admission = admission
+        self.key_id = key_id
+        self.lease = lease
+        self.n = n
+        self.headers = headers
+
+    async def finish(self, outcome: Outcome) -> None:
+        answered = outcome.answered and outcome.status is not None and outcome.status < 300
+        images = self.n if outcome.images is None else outcome.images
+        tokens = outcome.usage.get("total_tokens", 0)
+        try:
+            await self.admission.store.settle(self.key_id, self.lease, answered=answered,
+                                              images=images if answered else 0, tokens=tokens)
+        except StoreUnavailable as exc:
+            # The lease expires by itself and gives the reservation back.
+            log.warning("key %s: settling lease failed (%s); it will expire", self.key_id, exc)
+
+
+class QuotaAdmission(Admission):
+    """Per-key limits through a QuotaStore; key records cached for at most `cache_seconds`."""
+
+    def __init__(self, store: QuotaStore, *, fail_open: bool, cache_seconds: float) -> None:
+        self.store = store
+        self.fail_open = fail_open
+        self.cache_seconds = cache_seconds
+        self.store_errors = 0
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        secret = bearer_secret(authorization)
+        if secret is None:
+            raise Unauthorized("Missing or malformed API key: send Authorization: Bearer sk-gw-...")
+        key_hash = hash_secret(secret)
+        record = await self._record(id_for_hash(key_hash))
+        if record is None or record.hash != key_hash or record.status != "active":
+            raise Unauthorized("Incorrect API key provided.")
+        return KeyPrincipal(record, key_hash)
+
+    async def _record(self, key_id: str) -> KeyRecord | None:
+        now = time.monotonic()
+        cached = self._cache.get(key_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            record = await self.store.get_key(key_id)
+        except StoreUnavailable as exc:
+            return self._unavailable(exc, cached[1] if cached else None)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key_id] = (now + self.cache_seconds, record)
+        return record
+
+    def check_model(self, principal: Principal, model: str) -> None:
+        assert isinstance(principal, KeyPrincipal)
+        allowed = principal.record.models
+        if allowed and model not in allowed:
+            raise Forbidden(f"This API key may not use model '{model}'.", param="model",
+                            code="model_not_allowed")
+
+    async def admit(self, principal: Principal, edit: EditRequest) -> Ticket:
+        assert isinstance(principal, KeyPrincipal)
+        lease = uuid.uuid4().hex
+        try:
+            decision = await self.store.admit(principal.hash, edit.model.name, edit.n, lease)
+        except StoreUnavailable as exc:
+            self._unavailable(exc, None)
+            return _OPEN_TICKET  # fail open: admitted without a reservation
+        headers = rate_limit_headers(decision.windows)
+        if decision.status == OK:
+            return QuotaTicket(self, principal.id, lease, edit.n, headers)
+        if decision.status == UNKNOWN_KEY:
+            raise Unauthorized("Incorrect API key provided.")
+        if decision.status == MODEL:
+            raise Forbidden(f"This API key may not use model '{edit.model.name}'.", param="model",
+                            code="model_not_allowed")
+        retry_ms = max(1, decision.retry_after_ms)
+        if decision.status in (RPM, CONCURRENCY):
+            what = "requests per minute" if decision.status == RPM else "concurrent requests"
+            headers |= {"retry-after": str(math.ceil(retry_ms / 1000)),
+                        "retry-after-ms": str(retry_ms)}
+            raise RateLimited(f"Rate limit reached for {what} on this API key. "
+                              f"Try again in {duration(retry_ms)}.", headers=headers)
+        what = "images per day" if decision.status == IMAGES else "tokens per month"
+        raise QuotaExceeded(
+            f"You exceeded this API key's quota of {what}; it resets in {duration(retry_ms)}.",
+            headers=headers | {"x-should-retry": "false"})
+
+    def _unavailable(self, exc: StoreUnavailable, fallback: KeyRecord | None) -> KeyRecord | None:
+        self.store_errors += 1
+        if not self.fail_open:
+            log.warning("quota store unavailable, refusing (fail closed): %s", exc)
+            raise ServiceUnavailable("The gateway cannot check quotas right now; retry shortly.",
+                                     headers={"retry-after": "1"})
+        log.warning("quota store unavailable, admitting (fail open): %s", exc)
+        return fallback
+
+    async def aclose(self) -> None:
+        await self.store.aclose()
+
+
+def rate_limit_headers(windows: dict[str, Window]) -> dict[str, str]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,images,tokens} for the limits the key has."""
+    headers = {}
+    for name, w in windows.items():
+        headers[f"x-ratelimit-limit-{name}"] = str(w.limit)
+        headers[f"x-ratelimit-remaining-{name}"] = str(w.remaining)
+        headers[f"x-ratelimit-reset-{name}"] = duration(w.reset_ms)
+    return headers
+
+
+def duration(ms: int) -> str:
+    """OpenAI's duration format: 20ms, 1s, 6m0s, 1h2m3s."""
+    if ms < 1000:
+        return f"{ms}ms"
+    seconds = ms / 1000
+    hours, rest = divmod(int(seconds), 3600)
+    minutes = rest // 60
+    secs = seconds - hours * 3600 - minutes * 60
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    return f"{minutes}m{text}" if minutes else text

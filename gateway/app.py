@@ -13,15 +13,24 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from gateway import __version__
-from gateway.admission import Admission
+from gateway.admission import Admission, KeyPrincipal, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
 from gateway.edits import EditsEndpoint
-from gateway.errors import GatewayError, InvalidRequest, MethodNotAllowed, NotFound
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ServiceUnavailable,
+)
+from gateway.quota import build_store
+from gateway.quota.base import StoreUnavailable
 from gateway.settings import Settings, load_settings
 from gateway.upstream import Upstreams
 
 EDITS_PATH = "/v1/images/edits"
+log = logging.getLogger("gateway.app")
 
 
 class Gateway:
@@ -55,7 +64,8 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     _configure_logging(settings.log_level)
     catalog = Catalog.from_settings(settings)
     upstreams = Upstreams(settings)
-    admission = admission or Admission()
+    if admission is None:
+        admission = _admission(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -83,6 +93,25 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
                            code="model_not_found")
         return _model(spec)
 
+    @app.get("/v1/usage")
+    async def usage(request: Request) -> dict[str, object]:
+        """The calling key's own limits, usage and reset times."""
+        if not isinstance(admission, QuotaAdmission):
+            raise NotFound("This gateway has no API keys, so no usage to show.")
+        principal = await admission.authenticate(request.headers.get("authorization"))
+        assert isinstance(principal, KeyPrincipal)
+        try:
+            found = await admission.store.usage(principal.id)
+        except StoreUnavailable:
+            raise ServiceUnavailable("Usage cannot be read right now; retry shortly.") from None
+        if found is None:
+            raise NotFound("Unknown key.")
+        return {"object": "usage", "key": {"id": principal.id, "name": principal.record.name},
+                "in_flight": found.in_flight,
+                "limits": {name: {"limit": w.limit, "used": w.used, "remaining": w.remaining,
+                                  "reset_seconds": round(w.reset_ms / 1000, 3)}
+                           for name, w in found.windows.items()}}
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -91,6 +120,16 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     return Gateway(app, edits)
+
+
+def _admission(settings: Settings) -> Admission:
+    store = build_store(settings)
+    if store is None:
+        log.warning("no API keys configured (no GATEWAY_REDIS_URL, no [keys]): every request "
+                    "is admitted without a key")
+        return Admission()
+    return QuotaAdmission(store, fail_open=settings.redis_failure == "open",
+                          cache_seconds=settings.key_cache_seconds)
 
 
 def _configure_logging(level: str) -> None:

@@ -41,6 +41,10 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     Catalog.from_settings(settings)  # every setting mistake surfaces here, as one line
     upstream.resolve(settings)
+    if settings.workers > 1 and settings.keys and not settings.redis_url:
+        raise SettingsError(
+            "invalid setting workers (GATEWAY_WORKERS): the in-process key store ([keys] without "
+            "GATEWAY_REDIS_URL) serves one process; use --workers 1 or set GATEWAY_REDIS_URL")
     uvicorn.run(
         "gateway.app:create_app",
         factory=True,

@@ -39,6 +39,7 @@ from gateway.multipart import (
 from gateway.settings import Settings
 from gateway.sniff import SNIFF_LIMIT, ImageError, ImageInfo, sniff
 from gateway.upstream import Upstreams, transport_error
+from gateway.usage import UsageMeter
 
 log = logging.getLogger("gateway.edits")
 
@@ -176,14 +177,15 @@ class _Edit:
         self._text = bytearray()
         self._upload: Upload | None = None
         self._reader: MultipartReader | None = None
+        self.principal: Principal | None = None
 
     # ----------------------------------------------------------------------------- the flow
     async def run(self, headers: dict[str, str], send: Send) -> None:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.ep.max_body:
             raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
+        self.principal = await self.ep.admission.authenticate(headers.get("authorization"))
         boundary = boundary_of(headers.get("content-type"))
-        principal = await self.ep.admission.authenticate(headers.get("authorization"))
         self._reader = MultipartReader(
             boundary, max_parts=self.settings.max_parts,
             max_header_bytes=self.settings.max_part_header_bytes)
@@ -198,7 +200,7 @@ class _Edit:
         if not live:
             self.parsed = True
             self.final_values = self._final_checks()
-        ticket = await self._admit(principal, spec)
+        ticket = await self._admit(self.principal, spec)
         outcome = Outcome(answered=False)
         try:
             await self._race_disconnect(
@@ -231,7 +233,7 @@ class _Edit:
         try:
             outcome.answered = True
             outcome.status = response.status_code
-            await self._relay(response, ticket, send)
+            await self._relay(response, ticket, send, outcome)
         finally:
             await response.aclose()
 
@@ -257,9 +259,12 @@ class _Edit:
         await self.body_done.wait()
         while (await self.receive())["type"] != "http.disconnect":
             pass
-        if not self.response_done:
+        if not self.response_started:
+            # Gone before the upstream answered: hang up on it, the reservation is given back.
             self.client_gone = True
             main.cancel()
+        # Gone while the answer streams: read it to its end anyway (sends to a closed client
+        # are dropped), so its usage is counted.
 
     # ------------------------------------------------------------------------- reading
     async def _read(self) -> list[tuple[int, Any]]:
@@ -441,7 +446,11 @@ class _Edit:
     def _accept_fields(self, *, final: bool = True) -> ModelSpec | None:
         """Validate the text fields read so far against the model; None if not final and the
         combination is not valid yet."""
-        spec = self.ep.catalog.resolve(self.fields.get("model"))
+        assert self.principal is not None
+        model = self.fields.get("model")
+        self.ep.admission.check_model(
+            self.principal, self.ep.catalog.default_model if model is None else model.strip())
+        spec = self.ep.catalog.resolve(model)
         prompt = self.fields.get("prompt")
         if prompt is None or not prompt.strip():
             raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt",
@@ -652,7 +661,8 @@ class _Edit:
         yield b"".join(out)
 
     # ------------------------------------------------------------------------- answering
-    async def _relay(self, response: httpx.Response, ticket: Ticket, send: Send) -> None:
+    async def _relay(self, response: httpx.Response, ticket: Ticket, send: Send,
+                     outcome: Outcome) -> None:
         if response.status_code == 401:
             # The upstream refused the gateway's own key: the operator's problem, never the
             # client's, and the upstream's message may echo part of that key.
@@ -669,6 +679,8 @@ class _Edit:
             elif key == b"x-request-id":
                 headers.append((b"x-upstream-request-id", value))
         framer = EventFramer() if sse else None
+        # Only a success is metered: an error answer carries no images and no usage.
+        meter = UsageMeter(sse=sse) if response.status_code < 300 else None
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         self.response_started = True
@@ -676,6 +688,8 @@ class _Edit:
             async for chunk in response.aiter_raw():
                 if framer is not None and not (chunk := framer.feed(chunk)):
                     continue
+                if meter is not None:
+                    meter.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if framer is not None and framer.pending:
                 await send({"type": "http.response.body", "body": framer.pending,
@@ -688,6 +702,9 @@ class _Edit:
             event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
             await send({"type": "http.response.body",
                         "body": _STREAM_ERROR % event.encode(), "more_body": True})
+        if meter is not None:
+            meter.close()
+            outcome.images, outcome.usage = meter.images, meter.usage
         self.response_done = True  # from here a disconnect is the normal end, not a cancel
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

@@ -85,3 +85,35 @@ class UpstreamTimeout(GatewayError):
 class ServiceUnavailable(GatewayError):
     status = 503
     code = "service_unavailable"
+
+
+class Unauthorized(GatewayError):
+    """A missing, unknown or revoked API key (401)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    """The key may not do this: a model outside its list, or the admin API (403)."""
+
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class RateLimited(GatewayError):
+    """Requests per minute or concurrency exceeded: retry after the given time (429)."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class QuotaExceeded(GatewayError):
+    """The day's images or the month's tokens are spent: retrying now cannot help (429)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"

@@ -43,6 +43,22 @@ class UpstreamSettings(BaseModel):
         return _check_base_url(v)
 
 
+class KeyEntry(BaseModel):
+    """A key of the in-process store, as `gateway keys create` prints it for the config file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    name: str = ""
+    created: int = 0
+    rpm: int = Field(0, ge=0)
+    images_per_day: int = Field(0, ge=0)
+    tokens_per_month: int = Field(0, ge=0)
+    max_concurrent: int = Field(0, ge=0)
+    models: list[str] = []
+    metadata: dict[str, Any] = {}
+
+
 def _check_base_url(v: str) -> str:
     if not v.startswith(("http://", "https://")):
         raise ValueError("must start with http:// or https://")
@@ -69,9 +85,16 @@ class Settings(BaseSettings):
     upstream_max_connections: int = Field(512, ge=1)
     upstreams: dict[str, UpstreamSettings] = {}
 
-    # Keys and quotas (used from the "API keys and quotas" issue on).
+    # Keys and quotas. Without redis_url the store is in-process (one process), with the keys
+    # listed under [keys.ID]; with neither, the gateway admits everyone (and says so at start).
     redis_url: str | None = None
+    redis_timeout: float = Field(0.25, gt=0)  # every Redis call; a request never hangs on it
+    redis_failure: Literal["closed", "open"] = "closed"  # closed: 503 while Redis is away
     admin_key: SecretStr | None = None
+    keys: dict[str, KeyEntry] = {}
+    key_cache_seconds: float = Field(1.0, ge=0, le=1)  # how stale a key record may be
+    lease_ttl_seconds: float = Field(900.0, gt=0)  # an unsettled reservation heals after this
+    rpm_burst_seconds: float = Field(10.0, gt=0)  # requests/minute may burst this many seconds
 
     # Catalog: the shipped one, replaced by `catalog_file` and amended by `[models.NAME]` tables.
     catalog_file: Path | None = None
@@ -90,6 +113,15 @@ class Settings(BaseSettings):
     # Files that arrive before the text fields wait here (memory first, then an unnamed temp file).
     spool_dir: Path | None = None
     spool_memory_bytes: int = Field(1024 * 1024, ge=0)  # 0: straight to disk
+
+    @field_validator("keys")
+    @classmethod
+    def _ids_match_hashes(cls, v: dict[str, KeyEntry]) -> dict[str, KeyEntry]:
+        for key_id, entry in v.items():
+            if key_id != f"key_{entry.hash[:16]}":
+                raise ValueError(f"[keys.{key_id}]: the id must be key_ + the hash's first 16 "
+                                 "characters, as `gateway keys create` prints it")
+        return v
 
     @field_validator("upstream_base_url")
     @classmethod

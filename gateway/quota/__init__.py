@@ -1,0 +1,29 @@
+"""Quota stores behind one interface (base.QuotaStore): Redis, and in-process."""
+
+from __future__ import annotations
+
+from gateway.keys import KeyRecord, Limits
+from gateway.quota.base import QuotaStore
+from gateway.settings import Settings
+
+
+def build_store(settings: Settings) -> QuotaStore | None:
+    """The store the settings ask for; None for an open gateway (no Redis, no keys)."""
+    lease_ms = int(settings.lease_ttl_seconds * 1000)
+    if settings.redis_url:
+        from gateway.quota.redis_store import RedisStore
+
+        return RedisStore(settings.redis_url, timeout=settings.redis_timeout,
+                          lease_ttl_ms=lease_ms, rpm_burst_seconds=settings.rpm_burst_seconds)
+    if not settings.keys:
+        return None
+    from gateway.quota.memory import MemoryStore
+
+    store = MemoryStore(lease_ttl_ms=lease_ms, rpm_burst_seconds=settings.rpm_burst_seconds)
+    for key_id, entry in settings.keys.items():
+        store.seed(KeyRecord(
+            id=key_id, hash=entry.hash, name=entry.name, created=entry.created,
+            limits=Limits(entry.rpm, entry.images_per_day, entry.tokens_per_month,
+                          entry.max_concurrent),
+            models=tuple(entry.models), metadata=entry.metadata))
+    return store

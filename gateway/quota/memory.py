@@ -81,8 +81,11 @@ class MemoryStore(QuotaStore):
     def _now() -> int:
         return int(time.time() * 1000)
 
-    async def put_key(self, record: KeyRecord) -> None:
+    def seed(self, record: KeyRecord) -> None:
         self._keys[record.id] = record
+
+    async def put_key(self, record: KeyRecord) -> None:
+        self.seed(record)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)

@@ -1,0 +1,253 @@
+"""Keys and quotas end to end: gateway processes on a real redis-server (started by this suite),
+the fake upstream, and the official SDK as the client."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import httpx
+import openai
+import pytest
+from pytest_redis import factories
+
+from gateway.keys import KeyRecord, Limits
+from gateway.quota.redis_store import RedisStore
+from tests.conftest import GatewayProcess
+from tests.fake_upstream import FakeUpstream
+from tests.images import png
+
+quota_redis = factories.redis_proc(port=None)
+
+
+@pytest.fixture
+def redis_url(quota_redis) -> Iterator[str]:  # pytest-redis's executor
+    url = f"redis://{quota_redis.host}:{quota_redis.port}/0"
+    yield url
+    asyncio.run(_flush(url))  # our own redis-server, started for these tests
+
+
+async def _flush(url: str) -> None:
+    store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
+    await store.redis.flushdb()
+    await store.aclose()
+
+
+def make_key(url: str, models: tuple[str, ...] = (), **limits: int) -> tuple[KeyRecord, str]:
+    record, secret = KeyRecord.new("test", Limits(**limits), models=models)
+
+    async def put() -> None:
+        store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
+        await store.put_key(record)
+        await store.aclose()
+
+    asyncio.run(put())
+    return record, secret
+
+
+@pytest.fixture
+def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
+          ) -> Callable[..., GatewayProcess]:
+    def start(**settings: object) -> GatewayProcess:
+        return start_gateway(redis_url=redis_url, rpm_burst_seconds=1, **settings)
+    return start
+
+
+def sdk(gw: GatewayProcess, secret: str, **kwargs: object) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0,
+                         **kwargs)  # type: ignore[arg-type]
+
+
+def edit(client: openai.OpenAI, **kwargs: object) -> object:
+    return client.images.edit(**{"model": "gpt-image-1", "image": png(), "prompt": "x", **kwargs})
+
+
+def usage_of(gw: GatewayProcess, secret: str) -> dict:
+    r = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_keys_are_required_and_checked_first(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _record, secret = make_key(redis_url, models=("gpt-image-1",))
+    for key in ("sk-client", "sk-gw-" + "x" * 43):
+        with pytest.raises(openai.AuthenticationError) as info:
+            edit(sdk(gw, key), size="999x999")  # 401 comes before the bad size
+        assert info.value.code == "invalid_api_key"
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        edit(sdk(gw, secret), model="dall-e-2", size="999x999")  # 403 before the bad size
+    assert denied.value.param == "model"
+    with pytest.raises(openai.BadRequestError):
+        edit(sdk(gw, secret), size="999x999")
+    assert upstream.records == []
+    edit(sdk(gw, secret))
+    assert len(upstream.completed) == 1
+    assert secret not in str(upstream.records[0].headers)
+
+
+def test_budget_is_exact_across_two_instances(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gateways = [keyed(), keyed()]
+    _record, secret = make_key(redis_url, images_per_day=5)
+
+    def one(i: int) -> str:
+        try:
+            edit(sdk(gateways[i % 2], secret))
+            return "ok"
+        except openai.RateLimitError as exc:
+            assert exc.code == "insufficient_quota"
+            assert exc.response.headers["x-should-retry"] == "false"
+            return "quota"
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(one, range(24)))
+    assert results.count("ok") == 5 and results.count("quota") == 19
+    assert len(upstream.completed) == 5
+    assert usage_of(gateways[1], secret)["limits"]["images"]["used"] == 5
+
+
+def test_sdk_does_not_retry_a_spent_budget(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, images_per_day=1)
+    sent: list[str] = []
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=2,
+                           http_client=openai.DefaultHttpxClient(
+                               event_hooks={"request": [lambda r: sent.append(r.url.path)]}))
+    edit(client)
+    with pytest.raises(openai.RateLimitError):
+        edit(client)
+    assert len(sent) == 2  # the refused call went out once: no retries, no re-uploads
+
+
+def test_reservations_come_back_when_no_answer(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, images_per_day=4)
+    upstream.behaviour.status = 500
+    with pytest.raises(openai.InternalServerError):
+        edit(sdk(gw, secret), n=3)
+    assert usage_of(gw, secret)["limits"]["images"]["used"] == 0
+
+    # The client leaves while the upstream is still generating: hung up, given back.
+    upstream.reset()
+    upstream.behaviour.delay_headers = 5
+    with pytest.raises(openai.APITimeoutError):
+        edit(sdk(gw, secret, timeout=0.5), n=3)
+    upstream.wait_for(lambda: upstream.records and upstream.records[-1].aborted, timeout=3)
+    deadline = time.monotonic() + 3
+    while usage_of(gw, secret)["limits"]["images"]["used"] != 0:
+        assert time.monotonic() < deadline, "reservation was not given back"
+        time.sleep(0.05)
+    assert usage_of(gw, secret)["in_flight"] == 0
+
+
+def test_tokens_are_settled_from_the_answer(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, tokens_per_month=600)
+    raw = sdk(gw, secret).images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert raw.headers["x-ratelimit-limit-tokens"] == "600"
+    assert usage_of(gw, secret)["limits"]["tokens"]["used"] == 250  # the JSON answer's usage
+    for _ in sdk(gw, secret).images.edit(model="gpt-image-1", image=png(), prompt="x", n=2,
+                                         stream=True, partial_images=1):
+        pass
+    # Two image_edit.completed events of 250 each; partial images carry no usage.
+    assert usage_of(gw, secret)["limits"]["tokens"]["used"] == 750
+    with pytest.raises(openai.RateLimitError) as info:  # spent: the last request overran it
+        edit(sdk(gw, secret))
+    assert info.value.code == "insufficient_quota"
+
+
+def test_requests_per_minute(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, rpm=60)  # one a second, no burst (rpm_burst_seconds=1)
+    raw = sdk(gw, secret).images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert raw.headers["x-ratelimit-limit-requests"] == "60"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError) as info:
+        edit(sdk(gw, secret))
+    headers = info.value.response.headers
+    assert info.value.code == "rate_limit_exceeded"
+    assert 0 < int(headers["retry-after-ms"]) <= 1000 and headers["retry-after"] == "1"
+    time.sleep(int(headers["retry-after-ms"]) / 1000 + 0.05)
+    edit(sdk(gw, secret))
+    assert len(upstream.completed) == 2
+
+
+def test_concurrency_limit(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, max_concurrent=1)
+    upstream.behaviour.delay_headers = 1.0
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(edit, sdk(gw, secret))
+        upstream.wait_for(lambda: upstream.records)
+        with pytest.raises(openai.RateLimitError) as info:
+            edit(sdk(gw, secret))
+        assert info.value.response.headers["retry-after-ms"]
+        slow.result()
+    edit(sdk(gw, secret))  # the slot was released
+
+
+def test_revocation_reaches_every_instance(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    first, second = keyed(), keyed()
+    record, secret = make_key(redis_url)
+    edit(sdk(second, secret))  # `second` has the key cached now
+    asyncio.run(_put(redis_url, replace(record, status="revoked")))
+    time.sleep(1.1)  # records are cached for at most a second
+    for gw in (first, second):
+        with pytest.raises(openai.AuthenticationError):
+            edit(sdk(gw, secret))
+
+
+async def _put(url: str, record: KeyRecord) -> None:
+    store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
+    await store.put_key(record)
+    await store.aclose()
+
+
+def test_redis_outage_fails_closed_then_recovers(keyed, redis_url: str, quota_redis,
+                                                 upstream: FakeUpstream) -> None:
+    gw = keyed(redis_timeout=0.2)
+    _, secret = make_key(redis_url, images_per_day=10)
+    edit(sdk(gw, secret))
+    quota_redis.stop()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIStatusError) as info:
+            edit(sdk(gw, secret))
+        assert info.value.status_code == 503 and time.monotonic() - t0 < 2
+    finally:
+        quota_redis.start()
+    # The store forgot everything (no persistence): the key is put back, and serving resumes.
+    _record, secret = make_key(redis_url, images_per_day=10)
+    edit(sdk(gw, secret))
+    assert len(upstream.completed) == 2
+
+
+def test_redis_outage_can_fail_open(keyed, redis_url: str, quota_redis,
+                                    upstream: FakeUpstream) -> None:
+    gw = keyed(redis_timeout=0.2, redis_failure="open")
+    _, secret = make_key(redis_url, images_per_day=10)
+    edit(sdk(gw, secret))  # seen, so known while Redis is away
+    quota_redis.stop()
+    try:
+        edit(sdk(gw, secret))
+    finally:
+        quota_redis.start()
+    assert len(upstream.completed) == 2
+
+
+def test_in_process_store_from_config(start_gateway: Callable[..., GatewayProcess],
+                                      upstream: FakeUpstream) -> None:
+    record, secret = KeyRecord.new("local", Limits(images_per_day=2))
+    gw = start_gateway(config=f'[keys.{record.id}]\nhash = "{record.hash}"\nname = "local"\n'
+                              'images_per_day = 2\n')
+    with pytest.raises(openai.AuthenticationError):
+        edit(gw.client())
+    edit(sdk(gw, secret), n=2)
+    with pytest.raises(openai.RateLimitError):
+        edit(sdk(gw, secret))
+    images = usage_of(gw, secret)["limits"]["images"]
+    assert (images["limit"], images["used"], images["remaining"]) == (2, 2, 0)
+    assert 0 < images["reset_seconds"] <= 86_400
