@@ -85,6 +85,10 @@ class Admission:
     async def admit(self, principal: Principal, edit: EditRequest) -> Ticket:
         return _OPEN_TICKET
 
+    async def headers_for(self, principal: Principal) -> dict[str, str]:
+        """x-ratelimit-* headers for an answer that did not go through `admit`."""
+        return {}
+
     async def aclose(self) -> None:
         return None
 
@@ -190,6 +194,15 @@ class QuotaAdmission(Admission):
         raise QuotaExceeded(
             f"You exceeded this API key's quota of {what}; it resets in {duration(retry_ms)}.",
             headers=headers | {"x-should-retry": "false"})
+
+    async def headers_for(self, principal: Principal) -> dict[str, str]:
+        try:
+            found = await self.store.usage(principal.id)
+        except StoreUnavailable:
+            return {}  # best effort: the answer itself matters more
+        if found is None:
+            return {}
+        return rate_limit_headers({k: w for k, w in found.windows.items() if w.limit})
 
     def _unavailable(self, exc: StoreUnavailable, fallback: KeyRecord | None) -> KeyRecord | None:
         self.store_errors += 1

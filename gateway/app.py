@@ -81,14 +81,22 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     # Also routed here, so other methods get FastAPI's 405 in OpenAI's error shape.
     app.router.routes.append(Route(EDITS_PATH, edits, methods=["POST"]))
 
+    async def allowed_models(request: Request) -> tuple[str, ...]:
+        """The models the caller's key may use (all, on an open gateway); 401 without a key."""
+        principal = await admission.authenticate(request.headers.get("authorization"))
+        return principal.record.models if isinstance(principal, KeyPrincipal) else ()
+
     @app.get("/v1/models")
-    async def list_models() -> dict[str, object]:
-        return {"object": "list", "data": [_model(m) for m in catalog.models.values()]}
+    async def list_models(request: Request) -> dict[str, object]:
+        allowed = await allowed_models(request)
+        return {"object": "list", "data": [_model(m) for m in catalog.models.values()
+                                           if not allowed or m.name in allowed]}
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> dict[str, object]:
+    async def get_model(model: str, request: Request) -> dict[str, object]:
+        allowed = await allowed_models(request)
         spec = catalog.models.get(model)
-        if spec is None:
+        if spec is None or (allowed and model not in allowed):
             raise NotFound(f"The model '{model}' does not exist.", param="model",
                            code="model_not_found")
         return _model(spec)
@@ -115,6 +123,19 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Ready unless the quota store is away and the gateway fails closed."""
+        if not isinstance(admission, QuotaAdmission):
+            return JSONResponse({"status": "ok"})
+        try:
+            await admission.store.ping()
+        except StoreUnavailable as exc:
+            if admission.fail_open:
+                return JSONResponse({"status": "degraded", "reason": f"quota store: {exc}"})
+            return JSONResponse({"status": "unavailable", "reason": f"quota store: {exc}"}, 503)
+        return JSONResponse({"status": "ok"})
 
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -178,6 +178,7 @@ class _Edit:
         self._upload: Upload | None = None
         self._reader: MultipartReader | None = None
         self.principal: Principal | None = None
+        self.ticket: Ticket | None = None
 
     # ----------------------------------------------------------------------------- the flow
     async def run(self, headers: dict[str, str], send: Send) -> None:
@@ -200,7 +201,7 @@ class _Edit:
         if not live:
             self.parsed = True
             self.final_values = self._final_checks()
-        ticket = await self._admit(self.principal, spec)
+        ticket = self.ticket = await self._admit(self.principal, spec)
         outcome = Outcome(answered=False)
         try:
             await self._race_disconnect(
@@ -720,7 +721,11 @@ class _Edit:
             await self._drain()
         body = exc.body()
         headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode()), *self._common_headers()]
+                   (b"content-length", str(len(body)).encode()), *self._common_headers(self.ticket)]
+        if self.ticket is None and self.principal is not None and exc.status != 429:
+            # Authenticated but refused before admission: the key's limits, for the headers.
+            rate = await self.ep.admission.headers_for(self.principal)
+            headers += [(k.encode(), v.encode()) for k, v in rate.items()]
         headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

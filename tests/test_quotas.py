@@ -251,3 +251,55 @@ def test_in_process_store_from_config(start_gateway: Callable[..., GatewayProces
     images = usage_of(gw, secret)["limits"]["images"]
     assert (images["limit"], images["used"], images["remaining"]) == (2, 2, 0)
     assert 0 < images["reset_seconds"] <= 86_400
+
+
+def test_authenticated_refusals_carry_rate_limit_headers(keyed, redis_url: str,
+                                                         upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, rpm=100, images_per_day=50)
+    edit(sdk(gw, secret), n=3)
+    with pytest.raises(openai.BadRequestError) as info:
+        edit(sdk(gw, secret), size="999x999")
+    headers = info.value.response.headers
+    assert headers["x-ratelimit-limit-images"] == "50"
+    assert headers["x-ratelimit-remaining-images"] == "47"
+    assert headers["x-ratelimit-limit-requests"] == "100"
+    assert "x-ratelimit-limit-tokens" not in headers  # the key has no token limit
+
+
+def test_models_list_follows_the_key(keyed, redis_url: str) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, models=("gpt-image-1", "dall-e-2"))
+    with pytest.raises(openai.AuthenticationError):
+        gw.client().models.list()
+    assert {m.id for m in sdk(gw, secret).models.list()} == {"gpt-image-1", "dall-e-2"}
+    with pytest.raises(openai.NotFoundError):
+        sdk(gw, secret).models.retrieve("gpt-image-2")
+
+
+def test_readiness_follows_the_store(keyed, redis_url: str, quota_redis) -> None:
+    closed, open_ = keyed(redis_timeout=0.2), keyed(redis_timeout=0.2, redis_failure="open")
+    assert httpx.get(f"{closed.url}/readyz").json()["status"] == "ok"
+    quota_redis.stop()
+    try:
+        r = httpx.get(f"{closed.url}/readyz")
+        assert r.status_code == 503 and "quota store" in r.json()["reason"]
+        r = httpx.get(f"{open_.url}/readyz")
+        assert r.status_code == 200 and r.json()["status"] == "degraded"
+    finally:
+        quota_redis.start()
+    assert httpx.get(f"{closed.url}/readyz").status_code == 200
+
+
+def test_in_process_keys_refuse_several_workers(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    record, _ = KeyRecord.new("local")
+    config = tmp_path / "g.toml"
+    config.write_text(f'[keys.{record.id}]\nhash = "{record.hash}"\n')
+    result = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--workers", "2",
+                             "--config", str(config)], capture_output=True, text=True, timeout=30,
+                            env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "GATEWAY_REDIS_URL" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
