@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from gateway import __version__
+from gateway.admin import admin_router
 from gateway.admission import Admission, KeyPrincipal, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
@@ -24,6 +25,7 @@ from gateway.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from gateway.keyops import usage_view
 from gateway.quota import build_store
 from gateway.quota.base import StoreUnavailable
 from gateway.settings import Settings, load_settings
@@ -77,6 +79,8 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
                   docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.catalog = catalog
+    store = admission.store if isinstance(admission, QuotaAdmission) else None
+    app.include_router(admin_router(store, settings.admin_key))
     edits = EditsEndpoint(settings, catalog, upstreams, admission)
     # Also routed here, so other methods get FastAPI's 405 in OpenAI's error shape.
     app.router.routes.append(Route(EDITS_PATH, edits, methods=["POST"]))
@@ -115,10 +119,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
         if found is None:
             raise NotFound("Unknown key.")
         return {"object": "usage", "key": {"id": principal.id, "name": principal.record.name},
-                "in_flight": found.in_flight,
-                "limits": {name: {"limit": w.limit, "used": w.used, "remaining": w.remaining,
-                                  "reset_seconds": round(w.reset_ms / 1000, 3)}
-                           for name, w in found.windows.items()}}
+                **(usage_view(found) or {})}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

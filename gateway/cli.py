@@ -10,8 +10,16 @@ from gateway.errors import SettingsError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        # `keys` parses its own arguments, so its errors are one line too (see keycli).
+        from gateway.keycli import main as keys_main
+
+        return keys_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible image gateway")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("keys", add_help=False,
+                        help="create, list, show, update and revoke API keys (gateway keys -h)")
     serve = commands.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8080)")

@@ -303,3 +303,20 @@ def test_in_process_keys_refuse_several_workers(tmp_path) -> None:
                             env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 2 and "GATEWAY_REDIS_URL" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_admin_api_on_a_running_gateway(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed(admin_key="admin-secret-1")
+    admin = {"authorization": "Bearer admin-secret-1"}
+    assert httpx.post(f"{gw.url}/admin/keys", json={"name": "x"}).status_code == 401
+    created = httpx.post(f"{gw.url}/admin/keys", headers=admin,
+                         json={"name": "team-b", "images_per_day": 1}).json()
+    edit(sdk(gw, created["key"]))
+    with pytest.raises(openai.RateLimitError):
+        edit(sdk(gw, created["key"]))
+    shown = httpx.get(f"{gw.url}/admin/keys/{created['id']}", headers=admin).json()
+    assert shown["usage"]["limits"]["images"]["used"] == 1 and "key" not in shown
+    assert httpx.delete(f"{gw.url}/admin/keys/{created['id']}", headers=admin).status_code == 200
+    time.sleep(1.1)
+    with pytest.raises(openai.AuthenticationError):
+        edit(sdk(gw, created["key"]))
