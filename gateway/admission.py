@@ -8,11 +8,14 @@ open gateway (no keys configured); `QuotaAdmission` enforces per-key limits thro
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.catalog import ModelSpec
 from gateway.errors import (
@@ -32,6 +35,7 @@ from gateway.quota.base import (
     UNKNOWN_KEY,
     QuotaStore,
     StoreUnavailable,
+    Usage,
     Window,
 )
 
@@ -67,7 +71,8 @@ class Principal:
 class Ticket:
     """An admitted request's reservation; the open gateway reserves nothing."""
 
-    headers: dict[str, str] = {}
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        self.headers = headers or {}
 
     async def finish(self, outcome: Outcome) -> None:
         return None
@@ -94,7 +99,7 @@ class Admission:
 
 
 _ANONYMOUS = Principal()
-_OPEN_TICKET = Ticket()
+_OPEN_TICKET = Ticket()  # shared: its headers are never changed
 
 
 # ----------------------------------------------------------------------------- keys and quotas
@@ -106,34 +111,63 @@ class KeyPrincipal(Principal):
 
 
 class QuotaTicket(Ticket):
+    """A lease in the store: renewed while the request runs, settled once when it ends."""
+
     def __init__(self, admission: QuotaAdmission, key_id: str, lease: str, n: int,
                  headers: dict[str, str]) -> None:
+        super().__init__(headers)
         self.admission = admission
         self.key_id = key_id
         self.lease = lease
         self.n = n
-        self.headers = headers
+        self._done = False
+        self._renewal: asyncio.TimerHandle | None = None
+        self._renewing: asyncio.Task[None] | None = None
+        self._schedule()
+
+    def _schedule(self) -> None:
+        # A timer, not a task per request: most requests end long before the first renewal.
+        loop = asyncio.get_running_loop()
+        self._renewal = loop.call_later(self.admission.renew_every, self._renew)
+
+    def _renew(self) -> None:
+        self._renewing = asyncio.ensure_future(self._renew_now())
+
+    async def _renew_now(self) -> None:
+        try:
+            await self.admission.store.renew(self.key_id, self.lease)
+        except StoreUnavailable as exc:
+            log.warning("key %s: renewing a lease failed (%s)", self.key_id, exc)
+        if not self._done:
+            self._schedule()
 
     async def finish(self, outcome: Outcome) -> None:
+        if self._done:
+            return
+        self._done = True
+        if self._renewal is not None:
+            self._renewal.cancel()
         answered = outcome.answered and outcome.status is not None and outcome.status < 300
-        images = self.n if outcome.images is None else outcome.images
-        tokens = outcome.usage.get("total_tokens", 0)
+        # The answer's own count when the gateway could read one, else what was reserved.
+        images = (outcome.images or self.n) if answered else 0
+        tokens = outcome.usage.get("total_tokens", 0) if answered else 0
         try:
             await self.admission.store.settle(self.key_id, self.lease, answered=answered,
-                                              images=images if answered else 0, tokens=tokens)
+                                              images=images, tokens=tokens)
         except StoreUnavailable as exc:
             # The lease expires by itself and gives the reservation back.
-            log.warning("key %s: settling lease failed (%s); it will expire", self.key_id, exc)
+            log.warning("key %s: settling a lease failed (%s); it will expire", self.key_id, exc)
 
 
 class QuotaAdmission(Admission):
     """Per-key limits through a QuotaStore; key records cached for at most `cache_seconds`."""
 
-    def __init__(self, store: QuotaStore, *, fail_open: bool, cache_seconds: float) -> None:
+    def __init__(self, store: QuotaStore, *, fail_open: bool, cache_seconds: float,
+                 lease_ttl_seconds: float) -> None:
         self.store = store
         self.fail_open = fail_open
         self.cache_seconds = cache_seconds
-        self.store_errors = 0
+        self.renew_every = lease_ttl_seconds / 3
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -154,7 +188,11 @@ class QuotaAdmission(Admission):
         try:
             record = await self.store.get_key(key_id)
         except StoreUnavailable as exc:
-            return self._unavailable(exc, cached[1] if cached else None)
+            self._unavailable(exc)
+            if cached is None:  # fail open, but a key never seen cannot be told from a guess
+                raise ServiceUnavailable("The gateway cannot check API keys right now; retry "
+                                         "shortly.", headers={"retry-after": "1"}) from None
+            return cached[1]
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[key_id] = (now + self.cache_seconds, record)
@@ -173,7 +211,10 @@ class QuotaAdmission(Admission):
         try:
             decision = await self.store.admit(principal.hash, edit.model.name, edit.n, lease)
         except StoreUnavailable as exc:
-            self._unavailable(exc, None)
+            # The script may have run before the reply was lost: give its lease back if so.
+            release = self.store.settle(principal.id, lease, answered=False, images=0, tokens=0)
+            _background(release)
+            self._unavailable(exc)
             return _OPEN_TICKET  # fail open: admitted without a reservation
         headers = rate_limit_headers(decision.windows)
         if decision.status == OK:
@@ -200,27 +241,51 @@ class QuotaAdmission(Admission):
             found = await self.store.usage(principal.id)
         except StoreUnavailable:
             return {}  # best effort: the answer itself matters more
-        if found is None:
-            return {}
-        return rate_limit_headers({k: w for k, w in found.windows.items() if w.limit})
+        return rate_limit_headers(found.windows) if found else {}
 
-    def _unavailable(self, exc: StoreUnavailable, fallback: KeyRecord | None) -> KeyRecord | None:
-        self.store_errors += 1
+    async def usage(self, principal: Principal) -> Usage | None:
+        try:
+            return await self.store.usage(principal.id)
+        except StoreUnavailable:
+            raise ServiceUnavailable("Usage cannot be read right now; retry shortly.") from None
+
+    async def ready(self) -> tuple[bool, str]:
+        """(ready, status): 'ok', 'degraded' (store away, failing open) or 'unavailable'."""
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            return (True, "degraded") if self.fail_open else (False, "unavailable")
+        return True, "ok"
+
+    def _unavailable(self, exc: StoreUnavailable) -> None:
+        """Fail closed (503, retryable), or log and go on when failing open."""
         if not self.fail_open:
             log.warning("quota store unavailable, refusing (fail closed): %s", exc)
             raise ServiceUnavailable("The gateway cannot check quotas right now; retry shortly.",
                                      headers={"retry-after": "1"})
         log.warning("quota store unavailable, admitting (fail open): %s", exc)
-        return fallback
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+def _background(coro: Coroutine[Any, Any, None]) -> None:
+    """Run best-effort bookkeeping without holding the request (errors are logged)."""
+    task = asyncio.ensure_future(coro)
+    _PENDING.add(task)
+    task.add_done_callback(_PENDING.discard)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, never raise
+
+
+_PENDING: set[asyncio.Task[None]] = set()
 
 
 def rate_limit_headers(windows: dict[str, Window]) -> dict[str, str]:
     """x-ratelimit-{limit,remaining,reset}-{requests,images,tokens} for the limits the key has."""
     headers = {}
     for name, w in windows.items():
+        if not w.limit:
+            continue
         headers[f"x-ratelimit-limit-{name}"] = str(w.limit)
         headers[f"x-ratelimit-remaining-{name}"] = str(w.remaining)
         headers[f"x-ratelimit-reset-{name}"] = duration(w.reset_ms)

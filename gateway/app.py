@@ -23,11 +23,9 @@ from gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
-    ServiceUnavailable,
 )
 from gateway.keyops import usage_view
 from gateway.quota import build_store
-from gateway.quota.base import StoreUnavailable
 from gateway.settings import Settings, load_settings
 from gateway.upstream import Upstreams
 
@@ -80,7 +78,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.state.settings = settings
     app.state.catalog = catalog
     store = admission.store if isinstance(admission, QuotaAdmission) else None
-    app.include_router(admin_router(store, settings.admin_key))
+    app.include_router(admin_router(store, settings.admin_key), include_in_schema=False)
     edits = EditsEndpoint(settings, catalog, upstreams, admission)
     # Also routed here, so other methods get FastAPI's 405 in OpenAI's error shape.
     app.router.routes.append(Route(EDITS_PATH, edits, methods=["POST"]))
@@ -112,10 +110,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
             raise NotFound("This gateway has no API keys, so no usage to show.")
         principal = await admission.authenticate(request.headers.get("authorization"))
         assert isinstance(principal, KeyPrincipal)
-        try:
-            found = await admission.store.usage(principal.id)
-        except StoreUnavailable:
-            raise ServiceUnavailable("Usage cannot be read right now; retry shortly.") from None
+        found = await admission.usage(principal)
         if found is None:
             raise NotFound("Unknown key.")
         return {"object": "usage", "key": {"id": principal.id, "name": principal.record.name},
@@ -130,13 +125,9 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
         """Ready unless the quota store is away and the gateway fails closed."""
         if not isinstance(admission, QuotaAdmission):
             return JSONResponse({"status": "ok"})
-        try:
-            await admission.store.ping()
-        except StoreUnavailable as exc:
-            if admission.fail_open:
-                return JSONResponse({"status": "degraded", "reason": f"quota store: {exc}"})
-            return JSONResponse({"status": "unavailable", "reason": f"quota store: {exc}"}, 503)
-        return JSONResponse({"status": "ok"})
+        ready, status = await admission.ready()
+        body = {"status": status} | ({} if status == "ok" else {"reason": "quota store unreachable"})
+        return JSONResponse(body, 200 if ready else 503)
 
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -147,11 +138,12 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
 def _admission(settings: Settings) -> Admission:
     store = build_store(settings)
     if store is None:
-        log.warning("no API keys configured (no GATEWAY_REDIS_URL, no [keys]): every request "
-                    "is admitted without a key")
+        log.warning("no API keys configured (no GATEWAY_REDIS_URL, no [keys], no admin key): "
+                    "every request is admitted without a key")
         return Admission()
     return QuotaAdmission(store, fail_open=settings.redis_failure == "open",
-                          cache_seconds=settings.key_cache_seconds)
+                          cache_seconds=settings.key_cache_seconds,
+                          lease_ttl_seconds=settings.lease_ttl_seconds)
 
 
 def _configure_logging(level: str) -> None:

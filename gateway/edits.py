@@ -214,8 +214,9 @@ class _Edit:
                 log.exception("request %s: admission finish failed", self.request_id)
 
     async def _admit(self, principal: Principal, spec: ModelSpec) -> Ticket:
-        n_value = self.values.get("n", "1")  # unchecked for pass-through models
-        n = int(n_value) if n_value.isdigit() else 1
+        n_value = self.values.get("n", "1").strip()  # unchecked for pass-through models
+        n = int(n_value) if n_value.isascii() and n_value.isdigit() else 1
+        n = max(1, n)
         stream = self.values.get("stream") == "true"
         return await self.ep.admission.admit(
             principal, EditRequest(self.request_id, spec, n, stream))
@@ -692,9 +693,10 @@ class _Edit:
                 if meter is not None:
                     meter.feed(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if framer is not None and framer.pending:
-                await send({"type": "http.response.body", "body": framer.pending,
-                            "more_body": True})
+            if framer is not None and (rest := framer.pending):
+                if meter is not None:
+                    meter.feed(rest)
+                await send({"type": "http.response.body", "body": rest, "more_body": True})
         except httpx.TransportError as exc:
             if framer is None:
                 raise  # cut the JSON answer off: a broken response, never a wrong one

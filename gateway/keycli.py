@@ -25,11 +25,11 @@ from gateway.keyops import (
     MAX_LIMIT,
     KeyChanges,
     KeyCreate,
-    changed,
     describe_error,
     find_key,
     new_record,
     revoke_key,
+    update_key,
     usage_view,
 )
 from gateway.keys import LIMIT_NAMES, KeyRecord
@@ -249,8 +249,7 @@ async def _act(args: argparse.Namespace, changes: KeyChanges | None, store: Quot
     assert store is not None
     if args.action == "update":
         assert changes is not None
-        record = changed(record, changes)
-        await store.put_key(record)
+        record = await update_key(store, record.id, changes) or record
         _out(args, record.public(), [f"Updated {record.id}.", *_details(record, None)])
         return 0
     was = record.status

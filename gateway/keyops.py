@@ -110,9 +110,9 @@ async def update_key(store: QuotaStore, key_id: str, changes: KeyChanges) -> Key
     record = await find_key(store, key_id)
     if record is None:
         return None
-    record = changed(record, changes)
-    await store.put_key(record)
-    return record
+    # Written without its status: an update racing a revocation cannot bring the key back.
+    await store.update_key(record.id, changed(record, changes))
+    return await store.get_key(record.id)
 
 
 async def revoke_key(store: QuotaStore, key_id: str) -> KeyRecord | None:
@@ -122,7 +122,7 @@ async def revoke_key(store: QuotaStore, key_id: str) -> KeyRecord | None:
         return None
     if record.status != "revoked":
         record = replace(record, status="revoked")
-        await store.put_key(record)
+        await store.update_key(record.id, record, status_only=True)
     return record
 
 

@@ -11,7 +11,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -93,7 +101,9 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     keys: dict[str, KeyEntry] = {}
     key_cache_seconds: float = Field(1.0, ge=0, le=1)  # how stale a key record may be
-    lease_ttl_seconds: float = Field(900.0, gt=0)  # an unsettled reservation heals after this
+    # Leases are renewed while their request runs, so this only bounds how long a dead
+    # instance's reservations and concurrency slots linger.
+    lease_ttl_seconds: float = Field(60.0, ge=3)
     rpm_burst_seconds: float = Field(10.0, gt=0)  # requests/minute may burst this many seconds
 
     # Catalog: the shipped one, replaced by `catalog_file` and amended by `[models.NAME]` tables.
@@ -113,6 +123,20 @@ class Settings(BaseSettings):
     # Files that arrive before the text fields wait here (memory first, then an unnamed temp file).
     spool_dir: Path | None = None
     spool_memory_bytes: int = Field(1024 * 1024, ge=0)  # 0: straight to disk
+
+    @field_validator("admin_key")
+    @classmethod
+    def _long_admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_store(self) -> Settings:
+        if self.redis_url and self.keys:
+            raise ValueError("[keys] in the config are for the in-process store; with "
+                             "GATEWAY_REDIS_URL create keys with `gateway keys create`")
+        return self
 
     @field_validator("keys")
     @classmethod

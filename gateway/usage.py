@@ -50,7 +50,8 @@ class UsageMeter:
             return
         joined = self._carry + chunk  # a key split across chunks is counted once, whole
         self.images += sum(joined.count(k) - self._carry.count(k) for k in _IMAGE_KEYS)
-        self._carry = chunk[-16:]
+        # Shorter than the longest key, so no whole key is in it and counted twice.
+        self._carry = joined[-(len(_IMAGE_KEYS[0]) - 1):]
         if len(chunk) >= _TAIL:
             self._tail = chunk[-_TAIL:]
         else:

@@ -147,3 +147,34 @@ async def test_unsettled_leases_expire_and_heal(make_store: MakeStore) -> None:
     await store.settle(record.id, "lost", answered=True, images=3, tokens=0)
     usage = await store.usage(record.id)
     assert usage is not None and usage.windows["images"].used == 6 and usage.in_flight == 1
+
+
+async def test_burst_rounds_half_up(make_store: MakeStore) -> None:
+    store = make_store(rpm_burst_seconds=10.0)
+    record, _ = await new_key(store, rpm=15)  # 2.5 requests' worth of burst: 3, in both stores
+    statuses = [(await store.admit(record.hash, "m", 1, lease(i))).status for i in range(4)]
+    assert statuses == [OK, OK, OK, RPM]
+
+
+async def test_an_update_never_undoes_a_revocation(make_store: MakeStore) -> None:
+    store = make_store()
+    record, _ = await new_key(store, rpm=5)
+    stale = await store.get_key(record.id)  # an update read the record before the revoke
+    await store.update_key(record.id, replace(record, status="revoked"), status_only=True)
+    assert stale is not None
+    await store.update_key(record.id, replace(stale, limits=Limits(rpm=20)))
+    now = await store.get_key(record.id)
+    assert now is not None and (now.status, now.limits.rpm) == ("revoked", 20)
+    assert (await store.admit(record.hash, "m", 1, lease())).status == UNKNOWN_KEY
+
+
+async def test_renewed_leases_do_not_expire(make_store: MakeStore) -> None:
+    store = make_store(lease_ttl_ms=300)
+    record, _ = await new_key(store, max_concurrent=1)
+    assert (await store.admit(record.hash, "m", 1, "long")).status == OK
+    for _ in range(3):
+        await asyncio.sleep(0.2)
+        await store.renew(record.id, "long")
+    assert (await store.admit(record.hash, "m", 1, "other")).status == CONCURRENCY
+    await store.settle(record.id, "long", answered=True, images=1, tokens=0)
+    assert (await store.admit(record.hash, "m", 1, "other")).status == OK

@@ -100,6 +100,8 @@ def test_budget_is_exact_across_two_instances(keyed, redis_url: str, upstream: F
         except openai.RateLimitError as exc:
             assert exc.code == "insufficient_quota"
             assert exc.response.headers["x-should-retry"] == "false"
+            assert exc.response.headers["x-ratelimit-limit-images"] == "5"
+            assert int(exc.response.headers["x-ratelimit-remaining-images"]) <= 1
             return "quota"
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
@@ -229,10 +231,14 @@ def test_redis_outage_can_fail_open(keyed, redis_url: str, quota_redis,
                                     upstream: FakeUpstream) -> None:
     gw = keyed(redis_timeout=0.2, redis_failure="open")
     _, secret = make_key(redis_url, images_per_day=10)
+    _, unseen = make_key(redis_url, images_per_day=10)
     edit(sdk(gw, secret))  # seen, so known while Redis is away
     quota_redis.stop()
     try:
         edit(sdk(gw, secret))
+        with pytest.raises(openai.APIStatusError) as info:  # never seen: cannot be checked
+            edit(sdk(gw, unseen))
+        assert info.value.status_code == 503
     finally:
         quota_redis.start()
     assert len(upstream.completed) == 2
@@ -306,8 +312,8 @@ def test_in_process_keys_refuse_several_workers(tmp_path) -> None:
 
 
 def test_admin_api_on_a_running_gateway(keyed, redis_url: str, upstream: FakeUpstream) -> None:
-    gw = keyed(admin_key="admin-secret-1")
-    admin = {"authorization": "Bearer admin-secret-1"}
+    gw = keyed(admin_key="admin-secret-0123456789")
+    admin = {"authorization": "Bearer admin-secret-0123456789"}
     assert httpx.post(f"{gw.url}/admin/keys", json={"name": "x"}).status_code == 401
     created = httpx.post(f"{gw.url}/admin/keys", headers=admin,
                          json={"name": "team-b", "images_per_day": 1}).json()
@@ -320,3 +326,16 @@ def test_admin_api_on_a_running_gateway(keyed, redis_url: str, upstream: FakeUps
     time.sleep(1.1)
     with pytest.raises(openai.AuthenticationError):
         edit(sdk(gw, created["key"]))
+
+
+def test_long_requests_keep_their_lease(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed(lease_ttl_seconds=3)  # renewed every second while the request runs
+    _, secret = make_key(redis_url, max_concurrent=1)
+    upstream.behaviour.delay_headers = 4.5
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(edit, sdk(gw, secret, timeout=20))
+        time.sleep(4)  # past the TTL: without renewal the slot would have been given back
+        with pytest.raises(openai.RateLimitError):
+            edit(sdk(gw, secret))
+        slow.result()
+    assert usage_of(gw, secret)["in_flight"] == 0

@@ -8,14 +8,15 @@ from gateway.settings import Settings
 
 
 def build_store(settings: Settings) -> QuotaStore | None:
-    """The store the settings ask for; None for an open gateway (no Redis, no keys)."""
+    """The store the settings ask for: Redis; else in-process, holding the config's keys (and
+    those the admin API creates); None for an open gateway (no Redis, no keys, no admin key)."""
     lease_ms = int(settings.lease_ttl_seconds * 1000)
     if settings.redis_url:
         from gateway.quota.redis_store import RedisStore
 
         return RedisStore(settings.redis_url, timeout=settings.redis_timeout,
                           lease_ttl_ms=lease_ms, rpm_burst_seconds=settings.rpm_burst_seconds)
-    if not settings.keys:
+    if not settings.keys and settings.admin_key is None:
         return None
     from gateway.quota.memory import MemoryStore
 

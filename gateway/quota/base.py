@@ -7,6 +7,7 @@ instances, exact across all of them: every check-and-reserve is one Lua script) 
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -20,8 +21,6 @@ RPM = "rpm"
 CONCURRENCY = "concurrency"
 IMAGES = "images"  # the day's images are spent
 TOKENS = "tokens"  # the month's tokens are spent
-
-DAY_MS = 86_400_000
 
 
 class StoreUnavailable(Exception):
@@ -52,6 +51,41 @@ class Usage:
     in_flight: int
 
 
+@dataclass(slots=True)
+class Snapshot:
+    """A key's counters as a store reads them (quota.lua's reply, field for field)."""
+
+    rpm: int
+    req_remaining: int
+    req_reset_ms: int
+    images_per_day: int
+    images: int
+    day_reset_ms: int
+    tokens_per_month: int
+    tokens: int
+    month_reset_ms: int
+    in_flight: int
+
+    def windows(self) -> dict[str, Window]:
+        """Images and tokens always (limit 0: none), requests when the key has an rpm."""
+        out = {}
+        if self.rpm:
+            out["requests"] = Window(self.rpm, 0, self.req_remaining, self.req_reset_ms)
+        out["images"] = Window(self.images_per_day, self.images,
+                               max(0, self.images_per_day - self.images), self.day_reset_ms)
+        out["tokens"] = Window(self.tokens_per_month, self.tokens,
+                               max(0, self.tokens_per_month - self.tokens), self.month_reset_ms)
+        return out
+
+
+def burst_interval(rpm: int, burst_seconds: float) -> tuple[float, float]:
+    """GCRA emission interval and tolerance (ms) for `rpm` a minute with `burst_seconds` worth
+    of requests allowed at once; rounded half up, as quota.lua does."""
+    interval = 60_000 / rpm
+    burst = max(1, math.floor(rpm * burst_seconds / 60 + 0.5))
+    return interval, (burst - 1) * interval
+
+
 class QuotaStore(ABC):
     """Keys and their counters. Every method may raise StoreUnavailable."""
 
@@ -59,6 +93,12 @@ class QuotaStore(ABC):
     @abstractmethod
     async def put_key(self, record: KeyRecord) -> None:
         """Create or replace a key record."""
+
+    @abstractmethod
+    async def update_key(self, key_id: str, record: KeyRecord, *, status_only: bool = False
+                         ) -> None:
+        """Write a changed record's fields except its status (or only its status), so an update
+        racing a revocation can never bring the key back."""
 
     @abstractmethod
     async def get_key(self, key_id: str) -> KeyRecord | None: ...
@@ -78,6 +118,10 @@ class QuotaStore(ABC):
                      tokens: int) -> None:
         """Release the lease and its reservation. If the upstream answered, count the `images`
         and `tokens` it reported instead (also when the lease had expired meanwhile)."""
+
+    @abstractmethod
+    async def renew(self, key_id: str, lease: str) -> None:
+        """Push a live lease's expiry a full TTL ahead (long requests renew while they run)."""
 
     @abstractmethod
     async def usage(self, key_id: str) -> Usage | None: ...

@@ -1,14 +1,14 @@
-"""The in-process quota store: the Redis store's semantics for a single gateway process.
+"""The in-process quota store: quota.lua's rules for a single gateway process.
 
 Every method runs without awaiting in between, so each admission is atomic on the event loop.
-The Lua scripts in redis_store/ are the reference; this file mirrors them line for line.
+It follows quota.lua step for step; the contract tests hold the two to the same behaviour.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from gateway.keys import KeyRecord, id_for_hash
@@ -22,8 +22,9 @@ from gateway.quota.base import (
     UNKNOWN_KEY,
     Decision,
     QuotaStore,
+    Snapshot,
     Usage,
-    Window,
+    burst_interval,
 )
 
 
@@ -35,29 +36,6 @@ def periods(now_ms: int) -> tuple[int, int, int, int]:
     next_month = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
     return (day, (day + 1) * 86_400_000 - now_ms, month,
             int(next_month.timestamp() * 1000) - now_ms)
-
-
-def _gcra_params(rpm: int, burst_seconds: float) -> tuple[float, float]:
-    interval = 60_000 / rpm
-    burst = max(1, round(rpm * burst_seconds / 60))
-    return interval, (burst - 1) * interval
-
-
-def gcra(tat: int, now: int, rpm: int, burst_seconds: float) -> tuple[bool, int, int]:
-    """(allowed, new TAT, retry-after ms) for one request under a GCRA of `rpm` a minute that
-    lets `burst_seconds` worth of requests through at once."""
-    interval, tau = _gcra_params(rpm, burst_seconds)
-    tat = max(tat, now)
-    allow_at = tat - tau
-    if now < allow_at:
-        return False, tat, math.ceil(allow_at - now)
-    return True, math.ceil(tat + interval), 0
-
-
-def gcra_remaining(tat: int, now: int, rpm: int, burst_seconds: float) -> int:
-    """How many requests would pass right now."""
-    interval, tau = _gcra_params(rpm, burst_seconds)
-    return max(0, math.floor((now + tau - max(tat, now)) / interval) + 1)
 
 
 @dataclass
@@ -87,90 +65,109 @@ class MemoryStore(QuotaStore):
     async def put_key(self, record: KeyRecord) -> None:
         self.seed(record)
 
+    async def update_key(self, key_id: str, record: KeyRecord, *, status_only: bool = False
+                         ) -> None:
+        current = self._keys.get(key_id)
+        if current is None:
+            return
+        if status_only:
+            self._keys[key_id] = replace(current, status=record.status)
+        else:
+            self._keys[key_id] = replace(record, status=current.status, hash=current.hash,
+                                         created=current.created)
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
         return self._keys.get(key_id)
 
     async def list_keys(self) -> list[KeyRecord]:
         return sorted(self._keys.values(), key=lambda r: r.created)
 
-    def _roll(self, c: _Counters, now: int) -> tuple[int, int, int, int]:
-        day, day_reset, month, month_reset = periods(now)
+    def _open(self, key_id: str, now: int) -> _Counters:
+        """The key's counters on today's day and month, expired leases given back."""
+        c = self._counters.setdefault(key_id, _Counters())
+        day, _, month, _ = periods(now)
         if c.day != day:
             c.day, c.images = day, 0
         if c.month != month:
             c.month, c.tokens = month, 0
         for lease, (expiry, lease_day, n) in list(c.leases.items()):
-            if expiry <= now:  # never settled: the instance died or lost Redis; give it back
+            if expiry <= now:  # never settled: the instance died or lost Redis
                 del c.leases[lease]
-                if lease_day == c.day:
+                if lease_day == day:
                     c.images -= n
-        return day, day_reset, month, month_reset
+        return c
+
+    def _snapshot(self, record: KeyRecord | None, c: _Counters, now: int) -> Snapshot:
+        limits = record.limits if record else None
+        rpm = limits.rpm if limits else 0
+        remaining = reset = 0
+        if rpm:
+            interval, tau = burst_interval(rpm, self.rpm_burst_seconds)
+            base = max(c.tat, now)
+            remaining = max(0, math.floor((now + tau - base) / interval) + 1)
+            reset = max(0, base - now)
+        _, day_reset, _, month_reset = periods(now)
+        return Snapshot(rpm, remaining, reset, limits.images_per_day if limits else 0, c.images,
+                        day_reset, limits.tokens_per_month if limits else 0, c.tokens,
+                        month_reset, len(c.leases))
 
     async def admit(self, key_hash: str, model: str, n: int, lease: str) -> Decision:
-        record = self._keys.get(id_for_hash(key_hash))
-        if record is None or record.status != "active" or record.hash != key_hash:
-            return Decision(UNKNOWN_KEY)
-        if record.models and model not in record.models:
-            return Decision(MODEL)
-        limits = record.limits
-        c = self._counters.setdefault(record.id, _Counters())
+        key_id = id_for_hash(key_hash)
+        record = self._keys.get(key_id)
         now = self._now()
-        day, day_reset, _, month_reset = self._roll(c, now)
-        windows: dict[str, Window] = {}
+        c = self._open(key_id, now)
+
+        def answer(status: str, retry: int = 0) -> Decision:
+            return Decision(status, retry, self._snapshot(record, c, now).windows())
+
+        if record is None or record.status != "active" or record.hash != key_hash:
+            return answer(UNKNOWN_KEY)
+        if record.models and model not in record.models:
+            return answer(MODEL)
+        limits = record.limits
         if limits.max_concurrent and len(c.leases) >= limits.max_concurrent:
-            return Decision(CONCURRENCY, 1000)
-        new_tat = c.tat
+            return answer(CONCURRENCY, 1000)
         if limits.rpm:
-            allowed, new_tat, retry = gcra(c.tat, now, limits.rpm, self.rpm_burst_seconds)
-            if not allowed:
-                return Decision(RPM, retry, {"requests": Window(limits.rpm, 0, 0, retry)})
-            remaining = gcra_remaining(new_tat, now, limits.rpm, self.rpm_burst_seconds)
-            windows["requests"] = Window(limits.rpm, 0, remaining, max(0, new_tat - now))
+            interval, tau = burst_interval(limits.rpm, self.rpm_burst_seconds)
+            allow_at = max(c.tat, now) - tau
+            if now < allow_at:
+                return answer(RPM, math.ceil(allow_at - now))
         if limits.images_per_day and c.images + n > limits.images_per_day:
-            return Decision(IMAGES, day_reset, {"images": Window(
-                limits.images_per_day, c.images, limits.images_per_day - c.images, day_reset)})
+            return answer(IMAGES, periods(now)[1])
         if limits.tokens_per_month and c.tokens >= limits.tokens_per_month:
-            return Decision(TOKENS, month_reset, {"tokens": Window(
-                limits.tokens_per_month, c.tokens, 0, month_reset)})
-        c.tat = new_tat
+            return answer(TOKENS, periods(now)[3])
+        if limits.rpm:
+            c.tat = math.ceil(max(c.tat, now) + interval)
         c.images += n
-        c.leases[lease] = (now + self.lease_ttl_ms, day, n)
-        if limits.images_per_day:
-            windows["images"] = Window(limits.images_per_day, c.images,
-                                       limits.images_per_day - c.images, day_reset)
-        if limits.tokens_per_month:
-            windows["tokens"] = Window(limits.tokens_per_month, c.tokens,
-                                       limits.tokens_per_month - c.tokens, month_reset)
-        return Decision(OK, 0, windows)
+        c.leases[lease] = (now + self.lease_ttl_ms, c.day, n)
+        return answer(OK)
 
     async def settle(self, key_id: str, lease: str, *, answered: bool, images: int,
                      tokens: int) -> None:
-        c = self._counters.setdefault(key_id, _Counters())
         now = self._now()
-        self._roll(c, now)
+        c = self._open(key_id, now)
         held = c.leases.pop(lease, None)
-        reserved = held[2] if held is not None and held[1] == c.day else 0
-        c.images += (images if answered else 0) - reserved
+        today = held is None or held[1] == c.day
+        if held is not None and today:
+            c.images -= held[2]
         if answered:
+            if today:  # a reservation from an earlier day was charged to that day
+                c.images += images
             c.tokens += tokens
+
+    async def renew(self, key_id: str, lease: str) -> None:
+        c = self._counters.get(key_id)
+        if c is not None and lease in c.leases:
+            _, day, n = c.leases[lease]
+            c.leases[lease] = (self._now() + self.lease_ttl_ms, day, n)
 
     async def usage(self, key_id: str) -> Usage | None:
         record = self._keys.get(key_id)
         if record is None:
             return None
-        c = self._counters.setdefault(key_id, _Counters())
         now = self._now()
-        _, day_reset, _, month_reset = self._roll(c, now)
-        limits = record.limits
-        windows = {}
-        if limits.rpm:
-            remaining = gcra_remaining(c.tat, now, limits.rpm, self.rpm_burst_seconds)
-            windows["requests"] = Window(limits.rpm, 0, remaining, max(0, c.tat - now))
-        windows["images"] = Window(limits.images_per_day, c.images,
-                                   max(0, limits.images_per_day - c.images), day_reset)
-        windows["tokens"] = Window(limits.tokens_per_month, c.tokens,
-                                   max(0, limits.tokens_per_month - c.tokens), month_reset)
-        return Usage(windows, len(c.leases))
+        snap = self._snapshot(record, self._open(key_id, now), now)
+        return Usage(snap.windows(), snap.in_flight)
 
     async def ping(self) -> None:
         return None

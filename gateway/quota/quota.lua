@@ -1,11 +1,15 @@
--- The quota script: admission and settlement for one API key, atomic, on Redis's own clock.
+-- The quota script: admission, settlement, renewal and usage for one API key, atomic, on
+-- Redis's own clock. gateway/quota/memory.py is its in-process twin; the contract tests in
+-- tests/test_quota_store.py hold the two to the same behaviour.
 -- KEYS (all share the key's hash tag, so one cluster slot):
 --   1 record (hash), 2 usage (hash: tat day img month tok), 3 leases (zset lease -> expiry ms),
 --   4 reservations (hash lease -> "day:n")
 -- ARGV[1] = 'admit': 2 key hash, 3 model, 4 n, 5 lease id, 6 lease ttl ms, 7 rpm burst seconds
---   returns {status, retry_ms, rpm, req_remaining, req_reset_ms, ipd, img_used, day_reset_ms,
---            tpm, tok_used, month_reset_ms}
 -- ARGV[1] = 'settle': 2 lease id, 3 answered (1/0), 4 images to count, 5 tokens to count
+-- ARGV[1] = 'renew': 2 lease id, 3 lease ttl ms
+-- ARGV[1] = 'usage': 2 rpm burst seconds
+-- admit and usage return {status, retry_ms, rpm, req_remaining, req_reset_ms, ipd, img_used,
+--   day_reset_ms, tpm, tok_used, month_reset_ms, in_flight}
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
   local era = math.floor(y / 400)
@@ -31,28 +35,38 @@ local function civil_from_days(z)
 end
 
 
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local day = math.floor(now / 86400000)
 local y, m = civil_from_days(day)
 local month = y * 12 + m - 1
+-- Reservations must outlive a quiet key until its day's counter is gone with the day.
+local keep_ms = 2 * 86400000
+
+if ARGV[1] == 'renew' then
+  local renewed = redis.call('ZADD', KEYS[3], 'XX', 'CH', now + tonumber(ARGV[3]), ARGV[2])
+  return renewed
+end
 
 local u = redis.call('HMGET', KEYS[2], 'tat', 'day', 'img', 'month', 'tok')
 local tat = tonumber(u[1]) or 0
 local img = (tonumber(u[2]) == day) and (tonumber(u[3]) or 0) or 0
 local tok = (tonumber(u[4]) == month) and (tonumber(u[5]) or 0) or 0
 
--- Take a lease's reservation back; returns the images it held today.
+-- Drop a lease and its reservation: whether it was held, and the images it held today (a
+-- reservation from an earlier day was charged to that day's counter, now gone).
 local function release(lease)
-  local held = 0
+  local found, held, today = false, 0, true
   local r = redis.call('HGET', KEYS[4], lease)
   if r then
+    found = true
     local rday, rn = string.match(r, '^(%d+):(%d+)$')
-    if tonumber(rday) == day then held = tonumber(rn) end
+    if tonumber(rday) == day then held = tonumber(rn) else today = false end
     redis.call('HDEL', KEYS[4], lease)
   end
   redis.call('ZREM', KEYS[3], lease)
-  return held
+  return found, held, today
 end
 
 local function save()
@@ -61,68 +75,76 @@ local function save()
 end
 
 if ARGV[1] == 'settle' then
-  img = img - release(ARGV[2])
+  local found, held, today = release(ARGV[2])
+  img = img - held
   if ARGV[3] == '1' then
-    img = img + tonumber(ARGV[4])
+    -- Count the answer's images today, unless its reservation was charged to an earlier day;
+    -- a lease that expired meanwhile gave its images back, so they are counted again here.
+    if not found or today then img = img + tonumber(ARGV[4]) end
     tok = tok + tonumber(ARGV[5])
   end
   save()
   return 1
 end
 
+-- Leases never settled (an instance died, a reply was lost) give their reservation back.
+local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+for _, lease in ipairs(expired) do
+  local _, held = release(lease)
+  img = img - held
+end
+if #expired > 0 then save() end
+
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'status', 'models', 'rpm', 'images_per_day',
   'tokens_per_month', 'max_concurrent')
-if rec[1] ~= ARGV[2] or rec[2] ~= 'active' then return {'unknown_key', 0} end
-local models = rec[3] or ''
-if models ~= '' and not string.find(models, ',' .. ARGV[3] .. ',', 1, true) then
-  return {'model', 0}
-end
 local rpm, ipd, tpm, conc = tonumber(rec[4]) or 0, tonumber(rec[5]) or 0, tonumber(rec[6]) or 0,
   tonumber(rec[7]) or 0
-local n = tonumber(ARGV[4])
+local burst_seconds = tonumber(ARGV[1] == 'usage' and ARGV[2] or ARGV[7])
+local interval, tau = 0, 0
+if rpm > 0 then
+  interval = 60000 / rpm
+  tau = (math.max(1, math.floor(rpm * burst_seconds / 60 + 0.5)) - 1) * interval
+end
 local day_reset = (day + 1) * 86400000 - now
 local ny, nm = y, m + 1
 if nm > 12 then ny, nm = y + 1, 1 end
 local month_reset = days_from_civil(ny, nm, 1) * 86400000 - now
 
--- Leases never settled (an instance died, a reply was lost) give their reservation back.
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
-for _, lease in ipairs(expired) do img = img - release(lease) end
-
-if conc > 0 and redis.call('ZCARD', KEYS[3]) >= conc then
-  if #expired > 0 then save() end
-  return {'concurrency', 1000}
+-- The requests window as it stands for a TAT: how many would pass now, and until refilled.
+local function requests(at)
+  if rpm == 0 then return 0, 0 end
+  local base = math.max(at, now)
+  return math.max(0, math.floor((now + tau - base) / interval) + 1), math.max(0, base - now)
 end
-local new_tat = tat
-local req_remaining, req_reset = 0, 0
+
+local function answer(status, retry)
+  local remaining, reset = requests(tat)
+  return {status, retry, rpm, remaining, reset, ipd, img, day_reset, tpm, tok, month_reset,
+          redis.call('ZCARD', KEYS[3])}
+end
+
+if ARGV[1] == 'usage' then return answer('ok', 0) end
+
+if rec[1] ~= ARGV[2] or rec[2] ~= 'active' then return answer('unknown_key', 0) end
+local models = rec[3] or ''
+if models ~= '' and not string.find(models, ',' .. ARGV[3] .. ',', 1, true) then
+  return answer('model', 0)
+end
+local n = tonumber(ARGV[4])
+
+if conc > 0 and redis.call('ZCARD', KEYS[3]) >= conc then return answer('concurrency', 1000) end
 if rpm > 0 then
-  local interval = 60000 / rpm
-  local burst = math.max(1, math.floor(rpm * tonumber(ARGV[7]) / 60 + 0.5))
-  local tau = (burst - 1) * interval
-  local base = math.max(tat, now)
-  local allow_at = base - tau
-  if now < allow_at then
-    if #expired > 0 then save() end
-    return {'rpm', math.ceil(allow_at - now), rpm, 0, math.ceil(allow_at - now)}
-  end
-  new_tat = math.ceil(base + interval)
-  req_remaining = math.max(0, math.floor((now + tau - new_tat) / interval) + 1)
-  req_reset = math.max(0, new_tat - now)
+  local allow_at = math.max(tat, now) - tau
+  if now < allow_at then return answer('rpm', math.ceil(allow_at - now)) end
 end
-if ipd > 0 and img + n > ipd then
-  if #expired > 0 then save() end
-  return {'images', day_reset, rpm, 0, 0, ipd, img, day_reset}
-end
-if tpm > 0 and tok >= tpm then
-  if #expired > 0 then save() end
-  return {'tokens', month_reset, rpm, 0, 0, ipd, img, day_reset, tpm, tok, month_reset}
-end
+if ipd > 0 and img + n > ipd then return answer('images', day_reset) end
+if tpm > 0 and tok >= tpm then return answer('tokens', month_reset) end
 
-tat = new_tat
+if rpm > 0 then tat = math.ceil(math.max(tat, now) + interval) end
 img = img + n
 save()
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[5], day .. ':' .. n)
-redis.call('PEXPIRE', KEYS[3], 2 * tonumber(ARGV[6]))
-redis.call('PEXPIRE', KEYS[4], 2 * tonumber(ARGV[6]))
-return {'ok', 0, rpm, req_remaining, req_reset, ipd, img, day_reset, tpm, tok, month_reset}
+redis.call('PEXPIRE', KEYS[3], keep_ms + tonumber(ARGV[6]))
+redis.call('PEXPIRE', KEYS[4], keep_ms + tonumber(ARGV[6]))
+return answer('ok', 0)

@@ -9,19 +9,10 @@ from importlib import resources
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
 from gateway.keys import KeyRecord, Limits, id_for_hash
-from gateway.quota.base import (
-    OK,
-    Decision,
-    QuotaStore,
-    StoreUnavailable,
-    Usage,
-    Window,
-)
-from gateway.quota.memory import gcra_remaining, periods
+from gateway.quota.base import Decision, QuotaStore, Snapshot, StoreUnavailable, Usage
 
 T = TypeVar("T")
 _SCRIPT = resources.files("gateway.quota").joinpath("quota.lua").read_text()
@@ -33,7 +24,7 @@ def _keys(key_id: str) -> list[str]:
     return [f"gw:{tag}:key", f"gw:{tag}:use", f"gw:{tag}:lease", f"gw:{tag}:resv"]
 
 
-def _record_fields(record: KeyRecord) -> dict[str, str | int]:
+def _fields(record: KeyRecord) -> dict[str, str | int]:
     return {"hash": record.hash, "name": record.name, "created": record.created,
             "status": record.status, "models": "," + ",".join(record.models) + ","
             if record.models else "", "metadata": json.dumps(record.metadata),
@@ -62,15 +53,31 @@ class RedisStore(QuotaStore):
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             return await op()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"redis: {exc}") from None
+        except (RedisError, OSError) as exc:
+            # Any Redis trouble (gone, slow, MOVED, OOM, read-only) is the store being away:
+            # the admission policy (fail closed or open) decides, never a 500.
+            raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+
+    async def _run(self, key_id: str, *args: object) -> Any:
+        return await self._call(lambda: self._script(keys=_keys(key_id), args=list(args)))
 
     async def put_key(self, record: KeyRecord) -> None:
+        # Two calls, not one transaction: the listing set lives in another cluster slot.
+        await self._call(lambda: self.redis.hset(_keys(record.id)[0], mapping=_fields(record)))
+        await self._call(lambda: self.redis.sadd(_ALL_KEYS, record.id))
+
+    async def update_key(self, key_id: str, record: KeyRecord, *, status_only: bool = False
+                         ) -> None:
+        fields = _fields(record)
+        changes = {"status": fields["status"]} if status_only else {
+            k: v for k, v in fields.items() if k not in ("status", "hash", "created")}
+        key = _keys(key_id)[0]
+
         async def op() -> None:
-            key = _keys(record.id)[0]
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.delete(key).hset(key, mapping=_record_fields(record)).sadd(_ALL_KEYS, record.id)
-                await pipe.execute()
+            # Only an existing record is changed (HSET would create a partial one).
+            if await self.redis.exists(key):
+                await self.redis.hset(key, mapping=changes)
+
         await self._call(op)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -79,59 +86,35 @@ class RedisStore(QuotaStore):
 
     async def list_keys(self) -> list[KeyRecord]:
         ids = sorted(await self._call(lambda: self.redis.smembers(_ALL_KEYS)))
-        records = [await self.get_key(i) for i in ids]
-        return sorted((r for r in records if r), key=lambda r: r.created)
+
+        async def op() -> list[dict[str, str]]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key_id in ids:
+                    pipe.hgetall(_keys(key_id)[0])
+                return await pipe.execute()
+
+        raws = await self._call(op) if ids else []
+        records = [_record(i, raw) for i, raw in zip(ids, raws, strict=True) if raw]
+        return sorted(records, key=lambda r: r.created)
 
     async def admit(self, key_hash: str, model: str, n: int, lease: str) -> Decision:
-        args = ["admit", key_hash, model, n, lease, self.lease_ttl_ms, self.rpm_burst_seconds]
-        out: list[Any] = await self._call(
-            lambda: self._script(keys=_keys(id_for_hash(key_hash)), args=args))
-        status, retry = out[0], int(out[1])
-        values = [int(v) for v in out[2:]] + [0] * (9 - len(out[2:]))
-        rpm, req_remaining, req_reset, ipd, img, day_reset, tpm, tok, month_reset = values
-        windows = {}
-        if rpm:
-            windows["requests"] = Window(rpm, 0, req_remaining, req_reset)
-        if ipd and (status == OK or status == "images"):
-            windows["images"] = Window(ipd, img, max(0, ipd - img), day_reset)
-        if tpm and (status == OK or status == "tokens"):
-            windows["tokens"] = Window(tpm, tok, max(0, tpm - tok), month_reset)
-        return Decision(status, retry, windows)
+        out = await self._run(id_for_hash(key_hash), "admit", key_hash, model, n, lease,
+                              self.lease_ttl_ms, self.rpm_burst_seconds)
+        return Decision(out[0], int(out[1]), Snapshot(*(int(v) for v in out[2:])).windows())
 
     async def settle(self, key_id: str, lease: str, *, answered: bool, images: int,
                      tokens: int) -> None:
-        args = ["settle", lease, int(answered), images, tokens]
-        await self._call(lambda: self._script(keys=_keys(key_id), args=args))
+        await self._run(key_id, "settle", lease, int(answered), images, tokens)
+
+    async def renew(self, key_id: str, lease: str) -> None:
+        await self._run(key_id, "renew", lease, self.lease_ttl_ms)
 
     async def usage(self, key_id: str) -> Usage | None:
-        record = await self.get_key(key_id)
-        if record is None:
+        if await self.get_key(key_id) is None:
             return None
-        keys = _keys(key_id)
-
-        async def op() -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                pipe.time().hmget(keys[1], "tat", "day", "img", "month", "tok")
-                return await pipe.execute()
-
-        (secs, micros), (tat, day_, img, month_, tok) = await self._call(op)
-        now = int(secs) * 1000 + int(micros) // 1000
-        in_flight = await self._call(lambda: self.redis.zcount(keys[2], now, "+inf"))
-        day, day_reset, month, month_reset = periods(now)
-        images = int(img or 0) if int(day_ or -1) == day else 0
-        tokens = int(tok or 0) if int(month_ or -1) == month else 0
-        limits = record.limits
-        windows = {
-            "images": Window(limits.images_per_day, images,
-                             max(0, limits.images_per_day - images), day_reset),
-            "tokens": Window(limits.tokens_per_month, tokens,
-                             max(0, limits.tokens_per_month - tokens), month_reset)}
-        if limits.rpm:
-            tat_ms = int(float(tat or 0))
-            windows["requests"] = Window(
-                limits.rpm, 0, gcra_remaining(tat_ms, now, limits.rpm, self.rpm_burst_seconds),
-                max(0, tat_ms - now))
-        return Usage(windows, int(in_flight))
+        out = await self._run(key_id, "usage", self.rpm_burst_seconds)
+        snap = Snapshot(*(int(v) for v in out[2:]))
+        return Usage(snap.windows(), snap.in_flight)
 
     async def ping(self) -> None:
         await self._call(self.redis.ping)
