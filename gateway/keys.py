@@ -43,13 +43,6 @@ def bearer_secret(authorization: str | None) -> str | None:
     return token
 
 
-def shown(secret_or_id: str) -> str:
-    """How a key appears in logs and errors: its id, or the first characters of a secret."""
-    if secret_or_id.startswith(SECRET_PREFIX):
-        return secret_or_id[: len(SECRET_PREFIX) + 4] + "..."
-    return secret_or_id
-
-
 @dataclass
 class Limits:
     """Per-key limits; 0 is unlimited."""
