@@ -339,3 +339,19 @@ def test_long_requests_keep_their_lease(keyed, redis_url: str, upstream: FakeUps
             edit(sdk(gw, secret))
         slow.result()
     assert usage_of(gw, secret)["in_flight"] == 0
+
+
+def test_usage_is_counted_when_the_client_leaves_mid_answer(keyed, redis_url: str,
+                                                            upstream: FakeUpstream) -> None:
+    gw = keyed()
+    _, secret = make_key(redis_url, tokens_per_month=10_000)
+    upstream.behaviour.event_delay = 0.3
+    stream = sdk(gw, secret).images.edit(model="gpt-image-1", image=png(), prompt="x", n=2,
+                                         stream=True, partial_images=1)
+    next(iter(stream))  # the first partial image, then the client hangs up
+    stream.close()
+    deadline = time.monotonic() + 5
+    while usage_of(gw, secret)["limits"]["tokens"]["used"] != 500:  # both completed events
+        assert time.monotonic() < deadline, usage_of(gw, secret)
+        time.sleep(0.1)
+    assert usage_of(gw, secret)["in_flight"] == 0
