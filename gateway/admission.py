@@ -17,6 +17,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway import metrics
 from gateway.catalog import ModelSpec
 from gateway.errors import (
     Forbidden,
@@ -169,6 +170,7 @@ class QuotaAdmission(Admission):
         self.cache_seconds = cache_seconds
         self.renew_every = lease_ttl_seconds / 3
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        metrics.store_result(True)  # presumed up until a call says otherwise
 
     async def authenticate(self, authorization: str | None) -> Principal:
         secret = bearer_secret(authorization)
@@ -216,6 +218,7 @@ class QuotaAdmission(Admission):
             _background(release)
             self._unavailable(exc)
             return _OPEN_TICKET  # fail open: admitted without a reservation
+        metrics.store_result(True)
         headers = rate_limit_headers(decision.windows)
         if decision.status == OK:
             return QuotaTicket(self, principal.id, lease, edit.n, headers)
@@ -254,11 +257,14 @@ class QuotaAdmission(Admission):
         try:
             await self.store.ping()
         except StoreUnavailable:
+            metrics.store_result(False)
             return (True, "degraded") if self.fail_open else (False, "unavailable")
+        metrics.store_result(True)
         return True, "ok"
 
     def _unavailable(self, exc: StoreUnavailable) -> None:
         """Fail closed (503, retryable), or log and go on when failing open."""
+        metrics.store_result(False)
         if not self.fail_open:
             log.warning("quota store unavailable, refusing (fail closed): %s", exc)
             raise ServiceUnavailable("The gateway cannot check quotas right now; retry shortly.",

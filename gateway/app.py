@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from gateway import __version__
+from gateway import __version__, health, logs, metrics, server
 from gateway.admin import admin_router
 from gateway.admission import Admission, KeyPrincipal, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
@@ -49,19 +50,35 @@ class Gateway:
             await self.edits(scope, receive, send)
         else:
             rid = request_id(headers_of(scope)).encode()
+            path = scope["path"]
+            # Other API requests are counted too; health checks and scrapes are not.
+            endpoint = ("/v1/models" if path.startswith("/v1/models") else path) \
+                if path.startswith("/v1/") else None
+            start = time.perf_counter()
+            status = 0
 
             async def send_with_id(message: Message) -> None:
+                nonlocal status
                 if message["type"] == "http.response.start":
+                    status = message["status"]
                     message["headers"] = [*message.get("headers", []), (b"x-request-id", rid)]
                 await send(message)
 
-            await self.api(scope, receive, send_with_id)
+            try:
+                await self.api(scope, receive, send_with_id)
+            finally:
+                if endpoint is not None:
+                    rec = metrics.RequestRecord(endpoint if status != 404 else "other", start,
+                                                status=status)
+                    if 400 <= status < 500 and status != 404:
+                        rec.rejection = metrics.rejection_reason(status, None)
+                    metrics.record(rec, time.perf_counter() - start, key_labels=False)
 
 
 def create_app(settings: Settings | None = None, admission: Admission | None = None) -> Gateway:
     """Build the app; with no arguments, settings come from GATEWAY_CONFIG and the environment."""
     settings = settings or load_settings()
-    _configure_logging(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     catalog = Catalog.from_settings(settings)
     upstreams = Upstreams(settings)
     if admission is None:
@@ -69,6 +86,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.install_drain(settings.drain_seconds)
         yield
         await upstreams.aclose()
         await admission.aclose()
@@ -123,11 +141,19 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     @app.get("/readyz")
     async def readyz() -> Response:
         """Ready unless the quota store is away and the gateway fails closed."""
+        if health.draining:
+            return JSONResponse({"status": "draining", "reason": "shutting down"}, 503)
         if not isinstance(admission, QuotaAdmission):
             return JSONResponse({"status": "ok"})
         ready, status = await admission.ready()
         body = {"status": status} | ({} if status == "ok" else {"reason": "quota store unreachable"})
         return JSONResponse(body, 200 if ready else 503)
+
+    if settings.metrics_port is None:
+        @app.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
 
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(HTTPException, _http_error)
@@ -144,17 +170,6 @@ def _admission(settings: Settings) -> Admission:
     return QuotaAdmission(store, fail_open=settings.redis_failure == "open",
                           cache_seconds=settings.key_cache_seconds,
                           lease_ttl_seconds=settings.lease_ttl_seconds)
-
-
-def _configure_logging(level: str) -> None:
-    """The gateway's own loggers print beside uvicorn's, at the configured level."""
-    logger = logging.getLogger("gateway")
-    logger.setLevel(level.upper())
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
 
 
 def _model(spec: ModelSpec) -> dict[str, object]:

@@ -34,9 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from gateway import upstream
+    from gateway import server, upstream
     from gateway.catalog import Catalog
     from gateway.settings import load_settings
 
@@ -49,23 +47,12 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     Catalog.from_settings(settings)  # every setting mistake surfaces here, as one line
     upstream.resolve(settings)
-    if settings.workers > 1 and settings.keys and not settings.redis_url:
+    if settings.workers > 1 and not settings.redis_url and (settings.keys or settings.admin_key):
         raise SettingsError(
-            "invalid setting workers (GATEWAY_WORKERS): the in-process key store ([keys] without "
-            "GATEWAY_REDIS_URL) serves one process; use --workers 1 or set GATEWAY_REDIS_URL")
-    uvicorn.run(
-        "gateway.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        log_level=settings.log_level,
-        server_header=False,
-        proxy_headers=False,
-        access_log=False,
-    )
+            "invalid setting workers (GATEWAY_WORKERS): the in-process key store ([keys] or an "
+            "admin key without GATEWAY_REDIS_URL) serves one process; use --workers 1 or set "
+            "GATEWAY_REDIS_URL")
+    server.serve(settings)
     return 0
 
 

@@ -18,13 +18,15 @@ import json
 import logging
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import IO, Any
 
 import httpx
 
-from gateway.admission import Admission, EditRequest, Outcome, Principal, Ticket
+from gateway import logs, metrics
+from gateway.admission import Admission, EditRequest, KeyPrincipal, Outcome, Principal, Ticket
 from gateway.asgi import Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, UpstreamUnavailable
@@ -38,7 +40,7 @@ from gateway.multipart import (
 )
 from gateway.settings import Settings
 from gateway.sniff import SNIFF_LIMIT, ImageError, ImageInfo, sniff
-from gateway.upstream import Upstreams, transport_error
+from gateway.upstream import Upstreams, transport_error, transport_kind
 from gateway.usage import UsageMeter
 
 log = logging.getLogger("gateway.edits")
@@ -51,6 +53,7 @@ _PASS_HEADERS = frozenset({
     b"openai-processing-ms", b"openai-version", b"retry-after", b"retry-after-ms",
     b"x-should-retry"})
 _STREAM_ERROR = b"event: error\ndata: %s\n\n"
+EDITS_ENDPOINT = "/v1/images/edits"
 # Fields admission sees, with the value a request that leaves them out is admitted with.
 _ADMITTED = {"n": "1", "stream": "false"}
 
@@ -126,6 +129,8 @@ class EditsEndpoint:
         headers = headers_of(scope)
         rid = request_id(headers)
         edit = _Edit(self, receive, rid)
+        edit.trace_id, edit.traceparent = logs.trace_context(headers.get("traceparent"))
+        metrics.IN_FLIGHT.inc()
         try:
             await edit.run(headers, send)
         except GatewayError as exc:
@@ -146,6 +151,29 @@ class EditsEndpoint:
                 await edit.fail(send, GatewayError("The gateway failed to handle the request."))
         finally:
             edit.close()
+            metrics.IN_FLIGHT.dec()
+            self._observe(edit)
+
+    def _observe(self, edit: _Edit) -> None:
+        """The request's metrics and its one log line."""
+        rec = edit.rec
+        total = time.perf_counter() - rec.start
+        rec.bytes_in = edit.received
+        if edit.spec is not None:
+            rec.model = edit.spec.name
+        if isinstance(edit.principal, KeyPrincipal):
+            rec.key_id = edit.principal.id
+        metrics.record(rec, total, key_labels=self.settings.metrics_key_labels)
+        fields = {
+            "request_id": edit.request_id, "upstream_request_id": rec.upstream_request_id,
+            "trace_id": edit.trace_id, "key_id": rec.key_id, "model": rec.model, "n": rec.n,
+            "status": rec.status or 499, "bytes_in": rec.bytes_in, "bytes_out": rec.bytes_out,
+            "upstream_ms": round(rec.upstream_seconds * 1000, 3),
+            "total_ms": round(total * 1000, 3), "rejection": rec.rejection,
+            "upstream_error": rec.upstream_error, "images": rec.images}
+        if self.settings.log_prompts and edit.prompt is not None:
+            fields["prompt"] = edit.prompt
+        logs.access(fields)
 
 
 class _Edit:
@@ -179,6 +207,9 @@ class _Edit:
         self._reader: MultipartReader | None = None
         self.principal: Principal | None = None
         self.ticket: Ticket | None = None
+        self.rec = metrics.RequestRecord(EDITS_ENDPOINT, time.perf_counter())
+        self.trace_id = self.traceparent = ""
+        self.prompt: str | None = None
 
     # ----------------------------------------------------------------------------- the flow
     async def run(self, headers: dict[str, str], send: Send) -> None:
@@ -218,6 +249,7 @@ class _Edit:
         n = int(n_value) if n_value.isascii() and n_value.isdigit() else 1
         n = max(1, n)
         stream = self.values.get("stream") == "true"
+        self.rec.n = n
         return await self.ep.admission.admit(
             principal, EditRequest(self.request_id, spec, n, stream))
 
@@ -227,17 +259,30 @@ class _Edit:
         upstream = self.ep.upstreams[self.spec.upstream]
         request = upstream.edit_request(
             self._upstream_body(live, events, prepared), self.writer.content_type,
-            self.request_id)
+            self.request_id, self.traceparent)
+        start = time.perf_counter()
         try:
-            response = await upstream.client.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise transport_error(exc, upstream.name) from None
-        try:
-            outcome.answered = True
-            outcome.status = response.status_code
-            await self._relay(response, ticket, send, outcome)
+            try:
+                response = await upstream.client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                self.rec.upstream_error = transport_kind(exc)
+                raise transport_error(exc, upstream.name) from None
+            try:
+                outcome.answered = True
+                outcome.status = response.status_code
+                self.rec.upstream_request_id = response.headers.get("x-request-id", "")
+                if response.status_code >= 400:
+                    self.rec.upstream_error = "status"
+                await self._relay(response, ticket, send, outcome)
+            except httpx.TransportError as exc:
+                self.rec.upstream_error = transport_kind(exc)
+                raise
+            finally:
+                await response.aclose()
         finally:
-            await response.aclose()
+            self.rec.upstream_seconds = time.perf_counter() - start
+            self.rec.images = outcome.images or 0
+            self.rec.usage = outcome.usage
 
     async def _race_disconnect(self, work: Awaitable[None]) -> None:
         """Run work here, cancelled by a watcher if the client leaves after its body was read.
@@ -461,6 +506,7 @@ class _Edit:
             raise InvalidRequest(
                 f"'prompt' is longer than {spec.prompt_max_chars} characters for {spec.name}.",
                 param="prompt", code="string_above_max_length")
+        self.prompt = prompt
         values = {"model": spec.upstream_model or spec.name, "prompt": prompt}
         sent = []
         for name, raw in self.fields.items():
@@ -686,12 +732,14 @@ class _Edit:
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         self.response_started = True
+        self.rec.status = response.status_code
         try:
             async for chunk in response.aiter_raw():
                 if framer is not None and not (chunk := framer.feed(chunk)):
                     continue
                 if meter is not None:
                     meter.feed(chunk)
+                self.rec.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if framer is not None and (rest := framer.pending):
                 if meter is not None:
@@ -701,6 +749,7 @@ class _Edit:
             if framer is None:
                 raise  # cut the JSON answer off: a broken response, never a wrong one
             # The half-received event is dropped, so the error event stands on its own.
+            self.rec.upstream_error = transport_kind(exc)
             error = transport_error(exc, self.spec.upstream if self.spec else "")
             event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
             await send({"type": "http.response.body",
@@ -729,8 +778,12 @@ class _Edit:
             rate = await self.ep.admission.headers_for(self.principal)
             headers += [(k.encode(), v.encode()) for k, v in rate.items()]
         headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
+        self.rec.status = exc.status
+        if not self.rec.upstream_error:  # the gateway's own refusal, not the upstream's failure
+            self.rec.rejection = metrics.rejection_reason(exc.status, exc.code)
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+        self.rec.bytes_out = len(body)
 
     async def _drain(self) -> None:
         """Read and drop the rest of a rejected body (up to the size limit) so that clients,

@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    log_prompts: bool = False  # put the prompt in the request's log line
+
+    # Observability and shutdown.
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # /metrics here, not on `port`
+    metrics_key_labels: bool = True  # key_id labels; off for deployments with very many keys
+    drain_seconds: float = Field(5.0, ge=0)  # after SIGTERM: not ready, but still serving
+    shutdown_timeout: float = Field(30.0, ge=0)  # then in-flight requests may take this long
 
     # The default upstream, named "default" in the catalog.
     upstream_base_url: str = "https://api.openai.com/v1"

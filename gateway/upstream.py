@@ -23,10 +23,11 @@ class Upstream:
     client: httpx.AsyncClient
     edits_url: str = field(init=False)
 
-    def edit_request(self, body: AsyncIterable[bytes], content_type: str,
-                     request_id: str) -> httpx.Request:
+    def edit_request(self, body: AsyncIterable[bytes], content_type: str, request_id: str,
+                     traceparent: str) -> httpx.Request:
         """The edit request; the headers every request shares live on the client."""
-        headers = {"content-type": content_type, "x-request-id": request_id}
+        headers = {"content-type": content_type, "x-request-id": request_id,
+                   "traceparent": traceparent}
         return self.client.build_request("POST", self.edits_url, headers=headers, content=body)
 
     def __post_init__(self) -> None:
@@ -88,6 +89,13 @@ def _api_key(name: str, cfg: UpstreamSettings) -> str | None:
         raise SettingsError(f"invalid setting upstreams.{name}.api_key_env: environment variable "
                             f"{cfg.api_key_env} is not set")
     return key
+
+
+def transport_kind(exc: httpx.TransportError) -> str:
+    """How the upstream failed, for gateway_upstream_errors_total: timeout, connect or reset."""
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    return "connect" if isinstance(exc, httpx.ConnectError) else "reset"
 
 
 def transport_error(exc: httpx.TransportError, upstream: str) -> GatewayError:

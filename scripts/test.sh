@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # Debian packages the tests run for real (each started by the tests on a free port).
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v prometheus >/dev/null || missing+=(prometheus)  # also ships promtool
 if ((${#missing[@]})); then
   apt-get update
   apt-get install -y "${missing[@]}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,8 @@ UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 
 
 class GatewayProcess:
-    def __init__(self, env: dict[str, str], config: Path | None = None) -> None:
+    def __init__(self, env: dict[str, str], config: Path | None = None,
+                 log_path: Path | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "gateway.cli", "serve", "--port", str(self.port)]
@@ -28,12 +30,14 @@ class GatewayProcess:
             args += ["--config", str(config)]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         full_env.update(env)
-        self.proc = subprocess.Popen(args, env=full_env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        # A file, not a pipe: a pipe nobody reads fills up and blocks the gateway's logging.
+        self.log_path = log_path or Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(args, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited: {self.proc.stdout.read()}")  # type: ignore[union-attr]
+                raise RuntimeError(f"gateway exited: {self.log()}")
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200:
                     break
@@ -48,14 +52,17 @@ class GatewayProcess:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key="sk-client", max_retries=0,
                              **kwargs)  # type: ignore[arg-type]
 
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
     def stop(self) -> str:
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=10)
+            self.proc.wait(timeout=40)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        return out or ""
+            self.proc.wait()
+        return self.log()
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +86,8 @@ def start_gateway(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFacto
     started: list[GatewayProcess] = []
 
     def start(config: str | None = None, **settings: object) -> GatewayProcess:
-        env = {"GATEWAY_UPSTREAM_BASE_URL": upstream.url, "GATEWAY_UPSTREAM_API_KEY": UPSTREAM_KEY}
+        env = {"GATEWAY_UPSTREAM_BASE_URL": upstream.url, "GATEWAY_UPSTREAM_API_KEY": UPSTREAM_KEY,
+               "GATEWAY_DRAIN_SECONDS": "0"}  # tests of the drain set their own
         env.update({f"GATEWAY_{k.upper()}": str(v) for k, v in settings.items()})
         path = None
         if config is not None:
