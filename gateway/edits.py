@@ -160,7 +160,9 @@ class EditsEndpoint:
         total = time.perf_counter() - rec.start
         rec.bytes_in = edit.received
         if edit.spec is not None:
-            rec.model = edit.spec.name
+            # Pass-through models are named by clients: one label for all, to bound cardinality.
+            known = edit.spec.name in self.catalog.models
+            rec.model = edit.spec.name if known else "passthrough"
         if isinstance(edit.principal, KeyPrincipal):
             rec.key_id = edit.principal.id
         metrics.record(rec, total, key_labels=self.settings.metrics_key_labels)
