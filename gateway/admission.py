@@ -218,7 +218,6 @@ class QuotaAdmission(Admission):
             _background(release)
             self._unavailable(exc)
             return _OPEN_TICKET  # fail open: admitted without a reservation
-        metrics.store_result(True)
         headers = rate_limit_headers(decision.windows)
         if decision.status == OK:
             return QuotaTicket(self, principal.id, lease, edit.n, headers)
@@ -257,14 +256,11 @@ class QuotaAdmission(Admission):
         try:
             await self.store.ping()
         except StoreUnavailable:
-            metrics.store_result(False)
             return (True, "degraded") if self.fail_open else (False, "unavailable")
-        metrics.store_result(True)
         return True, "ok"
 
     def _unavailable(self, exc: StoreUnavailable) -> None:
         """Fail closed (503, retryable), or log and go on when failing open."""
-        metrics.store_result(False)
         if not self.fail_open:
             log.warning("quota store unavailable, refusing (fail closed): %s", exc)
             raise ServiceUnavailable("The gateway cannot check quotas right now; retry shortly.",

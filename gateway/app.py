@@ -68,11 +68,15 @@ class Gateway:
                 await self.api(scope, receive, send_with_id)
             finally:
                 if endpoint is not None:
+                    total = time.perf_counter() - start
                     rec = metrics.RequestRecord(endpoint if status != 404 else "other", start,
                                                 status=status)
-                    if 400 <= status < 500 and status != 404:
+                    if status >= 400:
                         rec.rejection = metrics.rejection_reason(status, None)
-                    metrics.record(rec, time.perf_counter() - start, key_labels=False)
+                    metrics.record(rec, total, key_labels=False)
+                    logs.access({"request_id": rid.decode(), "endpoint": rec.endpoint,
+                                 "method": scope["method"], "status": status,
+                                 "total_ms": round(total * 1000, 3), "rejection": rec.rejection})
 
 
 def create_app(settings: Settings | None = None, admission: Admission | None = None) -> Gateway:
@@ -88,6 +92,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.install_drain(settings.drain_seconds)
         yield
+        metrics.worker_exit()
         await upstreams.aclose()
         await admission.aclose()
 
@@ -151,7 +156,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
 
     if settings.metrics_port is None:
         @app.get("/metrics")
-        async def metrics_endpoint() -> Response:
+        def metrics_endpoint() -> Response:  # sync: a big exposition runs in the threadpool
             body, content_type = metrics.exposition()
             return Response(body, media_type=content_type)
 

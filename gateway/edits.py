@@ -157,18 +157,18 @@ class EditsEndpoint:
     def _observe(self, edit: _Edit) -> None:
         """The request's metrics and its one log line."""
         rec = edit.rec
-        total = time.perf_counter() - rec.start
+        # As the client sees it: up to the last byte sent (settling the quota comes after).
+        total = (rec.end or time.perf_counter()) - rec.start
         rec.bytes_in = edit.received
-        if edit.spec is not None:
-            # Pass-through models are named by clients: one label for all, to bound cardinality.
-            known = edit.spec.name in self.catalog.models
-            rec.model = edit.spec.name if known else "passthrough"
+        model = edit.spec.name if edit.spec is not None else ""
+        # Pass-through models are named by clients: one label for all, to bound cardinality.
+        rec.model = model if not model or model in self.catalog.models else "passthrough"
         if isinstance(edit.principal, KeyPrincipal):
             rec.key_id = edit.principal.id
         metrics.record(rec, total, key_labels=self.settings.metrics_key_labels)
         fields = {
             "request_id": edit.request_id, "upstream_request_id": rec.upstream_request_id,
-            "trace_id": edit.trace_id, "key_id": rec.key_id, "model": rec.model, "n": rec.n,
+            "trace_id": edit.trace_id, "key_id": rec.key_id, "model": model, "n": rec.n,
             "status": rec.status or 499, "bytes_in": rec.bytes_in, "bytes_out": rec.bytes_out,
             "upstream_ms": round(rec.upstream_seconds * 1000, 3),
             "total_ms": round(total * 1000, 3), "rejection": rec.rejection,
@@ -273,7 +273,7 @@ class _Edit:
                 outcome.answered = True
                 outcome.status = response.status_code
                 self.rec.upstream_request_id = response.headers.get("x-request-id", "")
-                if response.status_code >= 400:
+                if response.status_code >= 500:  # a 4xx is the request's, not the upstream's
                     self.rec.upstream_error = "status"
                 await self._relay(response, ticket, send, outcome)
             except httpx.TransportError as exc:
@@ -319,7 +319,12 @@ class _Edit:
     async def _read(self) -> list[tuple[int, Any]]:
         """The multipart events of the next body message, counting bytes against the limit."""
         assert self._reader is not None
-        message = await self.receive()
+        if self.spec is None:  # before the upstream opens: the client's pace, not the gateway's
+            waited = time.perf_counter()
+            message = await self.receive()
+            self.rec.client_seconds += time.perf_counter() - waited
+        else:
+            message = await self.receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -718,6 +723,7 @@ class _Edit:
             # client's, and the upstream's message may echo part of that key.
             log.error("request %s: upstream '%s' rejected the gateway's API key",
                       self.request_id, self.spec.upstream if self.spec else "")
+            self.rec.upstream_error = "status"
             raise UpstreamUnavailable("The upstream rejected the gateway's credentials.")
         headers = self._common_headers(ticket)
         sse = False
@@ -761,6 +767,7 @@ class _Edit:
             outcome.images, outcome.usage = meter.images, meter.usage
         self.response_done = True  # from here a disconnect is the normal end, not a cancel
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.rec.end = time.perf_counter()
 
     def _common_headers(self, ticket: Ticket | None = None) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -771,7 +778,9 @@ class _Edit:
     async def fail(self, send: Send, exc: GatewayError) -> None:
         """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts)."""
         if not self.body_done.is_set() and exc.status != 413:
+            waited = time.perf_counter()
             await self._drain()
+            self.rec.client_seconds += time.perf_counter() - waited
         body = exc.body()
         headers = [(b"content-type", b"application/json"),
                    (b"content-length", str(len(body)).encode()), *self._common_headers(self.ticket)]
@@ -786,6 +795,7 @@ class _Edit:
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.rec.bytes_out = len(body)
+        self.rec.end = time.perf_counter()
 
     async def _drain(self) -> None:
         """Read and drop the rest of a rejected body (up to the size limit) so that clients,

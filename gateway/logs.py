@@ -3,11 +3,14 @@ line written per API request (never a secret or an image; the prompt only when a
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import queue
 import re
 import secrets
 import time
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 ACCESS = logging.getLogger("gateway.access")
@@ -29,16 +32,40 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class _DroppingQueueHandler(QueueHandler):
+    """Hands records to a writer thread; when the writer cannot keep up (a full pipe, a slow
+    disk), lines are dropped rather than stalling requests on the event loop."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            _DroppingQueueHandler.dropped += 1
+
+
+_listener: QueueListener | None = None
+
+
 def configure(level: str, fmt: str) -> None:
-    """The gateway's loggers print beside uvicorn's, at `level`, as JSON lines or text."""
+    """The gateway's loggers print beside uvicorn's, at `level`, as JSON lines or text, written
+    by a thread so that logging never blocks the event loop."""
+    global _listener
     logger = logging.getLogger("gateway")
     logger.setLevel(level.upper())
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
-    logger.addHandler(handler)
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    if _listener is not None:
+        _listener.stop()
+    stream = logging.StreamHandler()
+    stream.setFormatter(JsonFormatter() if fmt == "json" else
+                        logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+    records: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
+    _listener = QueueListener(records, stream)
+    _listener.start()
+    atexit.register(_listener.stop)
+    logger.addHandler(_DroppingQueueHandler(records))
     logger.propagate = False
 
 

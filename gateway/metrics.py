@@ -9,6 +9,7 @@ that server instance, emptied at its start, before any worker imports this modul
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -22,6 +23,7 @@ from prometheus_client import (
 )
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
 # Image work: from a few ms (rejections) to many minutes (high-quality generations).
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60,
                     90, 120, 180, 300, 600)
@@ -38,7 +40,8 @@ DURATION = Histogram("gateway_request_duration_seconds", "Total time as the clie
 UPSTREAM_DURATION = Histogram("gateway_upstream_duration_seconds", "Time spent on the upstream: "
                               "from opening its request to the end of its answer", ["model"],
                               buckets=DURATION_BUCKETS)
-OVERHEAD = Histogram("gateway_overhead_seconds", "The gateway's own time: total minus upstream",
+OVERHEAD = Histogram("gateway_overhead_seconds", "The gateway's own time: total minus upstream "
+                     "time and minus waiting for the client's body before the upstream opened",
                      ["endpoint"], buckets=OVERHEAD_BUCKETS)
 UPLOAD_BYTES = Counter("gateway_upload_bytes_total", "Request body bytes received", ["model"])
 IN_FLIGHT = Gauge("gateway_in_flight_requests", "API requests being handled",
@@ -75,6 +78,8 @@ class RequestRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_seconds: float = 0.0
+    client_seconds: float = 0.0  # waiting for the client's body before the upstream opened
+    end: float = 0.0  # when the answer's last byte was sent
     upstream_error: str = ""
     upstream_request_id: str = ""
     images: int = 0
@@ -84,7 +89,7 @@ class RequestRecord:
 def rejection_reason(status: int, code: str | None) -> str:
     if status == 429:
         return "quota" if code == "insufficient_quota" else "rate_limit"
-    return REJECTION_REASONS.get(status, "validation")
+    return REJECTION_REASONS.get(status) or ("validation" if status < 500 else "internal")
 
 
 def record(rec: RequestRecord, total_seconds: float, *, key_labels: bool) -> None:
@@ -92,7 +97,8 @@ def record(rec: RequestRecord, total_seconds: float, *, key_labels: bool) -> Non
     status = str(rec.status or 499)  # 499: the client left before an answer began
     REQUESTS.labels(rec.endpoint, model, status).inc()
     DURATION.labels(rec.endpoint, model).observe(total_seconds)
-    OVERHEAD.labels(rec.endpoint).observe(max(0.0, total_seconds - rec.upstream_seconds))
+    own = total_seconds - rec.upstream_seconds - rec.client_seconds
+    OVERHEAD.labels(rec.endpoint).observe(max(0.0, own))
     if rec.bytes_in:
         UPLOAD_BYTES.labels(model).inc(rec.bytes_in)
     if rec.upstream_seconds:
@@ -120,8 +126,36 @@ def store_result(ok: bool) -> None:
 
 def exposition() -> tuple[bytes, str]:
     """The text format: summed over every worker in multiprocess mode."""
-    if os.environ.get(MULTIPROC_ENV):
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        _forget_dead_workers(directory)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def _forget_dead_workers(directory: str) -> None:
+    """A worker killed mid-request leaves its live gauges (in-flight, store up) behind: drop
+    the files of workers that are gone, as their own shutdown would have."""
+    for name in os.listdir(directory):
+        match = _LIVE_GAUGE_FILE.fullmatch(name)
+        if match and not _alive(int(match[1])):
+            multiprocess.mark_process_dead(int(match[1]), directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def worker_exit() -> None:
+    """At a worker's shutdown: its live gauges stop counting."""
+    directory = os.environ.get(MULTIPROC_ENV)
+    if directory:
+        multiprocess.mark_process_dead(os.getpid(), directory)

@@ -4,6 +4,7 @@ directory and port that several workers share."""
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import shutil
 import signal
@@ -16,6 +17,8 @@ import uvicorn
 from gateway import health
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import Settings
+
+log = logging.getLogger("gateway.server")
 
 
 def install_drain(drain_seconds: float) -> None:
@@ -31,17 +34,21 @@ def install_drain(drain_seconds: float) -> None:
     running = getattr(current, "__self__", None)
     if threading.current_thread() is not threading.main_thread() or \
             not isinstance(running, uvicorn.Server):
-        return  # not under uvicorn's signal handling (an embedding test server, say)
+        log.warning("SIGTERM drain not installed: the server is not uvicorn's, or its signal "
+                    "handling changed; SIGTERM stops the gateway without a drain")
+        return
     server = running
 
     def on_sigterm(sig: int, frame: FrameType | None) -> None:
-        if not health.draining and drain_seconds > 0:
+        if drain_seconds <= 0:
+            _stop(server)
+        elif not health.draining:
             health.draining = True
             timer = threading.Timer(drain_seconds, _stop, (server,))
             timer.daemon = True
             timer.start()
-        else:
-            _stop(server)  # no drain asked for, or a second SIGTERM: shut down now
+        # A repeated SIGTERM (a whole process group signalled, then the supervisor forwarding
+        # it) changes nothing; Ctrl-C still stops at once through uvicorn's own handler.
 
     signal.signal(signal.SIGTERM, on_sigterm)
 

@@ -4,10 +4,13 @@ graceful shutdown, all from `gateway serve` processes."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import httpx
 import openai
@@ -96,6 +99,10 @@ def test_upstream_failures_by_kind(start_gateway, upstream: FakeUpstream) -> Non
         slow.client().images.edit(model="gpt-image-1", image=png(), prompt="x")
     assert value(scrape(f"{down.url}/metrics"), "gateway_upstream_errors_total",
                  kind="connect") == 1
+    upstream.behaviour.delay_headers = 0
+    upstream.behaviour.status = 400  # the request's fault (a content policy), not the upstream's
+    with pytest.raises(openai.BadRequestError):
+        slow.client().images.edit(model="gpt-image-1", image=png(), prompt="x")
     assert value(scrape(f"{slow.url}/metrics"), "gateway_upstream_errors_total",
                  kind="timeout") == 1
 
@@ -108,13 +115,49 @@ def test_key_labels_can_be_switched_off(start_gateway, upstream: FakeUpstream) -
     assert value(scrape(f"{gw.url}/metrics"), "gateway_images_total", model="gpt-image-1") == 1
 
 
+def workers_of(gw: GatewayProcess) -> list[int]:
+    """uvicorn's worker processes (not multiprocessing's resource tracker)."""
+    children = [int(pid) for task in Path(f"/proc/{gw.proc.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    return [pid for pid in children
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def metrics_dir_of(pid: int) -> Path:
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    [entry] = [e for e in environ if e.startswith(b"PROMETHEUS_MULTIPROC_DIR=")]
+    return Path(entry.split(b"=", 1)[1].decode())
+
+
 def test_workers_add_up(start_gateway, upstream: FakeUpstream) -> None:
     gw = start_gateway(workers=2)
-    for _ in range(12):
-        gw.client().images.edit(model="gpt-image-1", image=png(), prompt="x")
+    workers = workers_of(gw)
+    directory = metrics_dir_of(workers[0])
+    sent = 0
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        while sent < 96:  # until both workers have served (each writes its own counter file)
+            list(pool.map(lambda _: gw.client().images.edit(
+                model="gpt-image-1", image=png(), prompt="x"), range(12)))
+            sent += 12
+            served = {int(f.stem.rsplit("_", 1)[1]) for f in directory.glob("counter_*.db")}
+            if served >= set(workers):
+                break
+    assert served >= set(workers), "one worker served every request: nothing to add up"
     totals = {value(scrape(f"{gw.url}/metrics"), "gateway_requests_total",
                     endpoint="/v1/images/edits") for _ in range(6)}  # whichever worker answers
-    assert totals == {12}
+    assert totals == {sent}
+
+
+def test_drain_with_workers_and_a_group_wide_sigterm(start_gateway,
+                                                     upstream: FakeUpstream) -> None:
+    gw = start_gateway(workers=2, drain_seconds=2)
+    workers = workers_of(gw)
+    for pid in [gw.proc.pid, *workers]:  # as systemd or `kill -- -PGID` would
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.8)
+    assert httpx.get(f"{gw.url}/readyz").status_code == 503
+    assert httpx.get(f"{gw.url}/v1/models").status_code == 200  # still serving
+    assert gw.proc.wait(timeout=20) == 0
 
 
 def test_metrics_on_their_own_port(start_gateway, upstream: FakeUpstream) -> None:

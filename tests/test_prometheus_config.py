@@ -23,7 +23,6 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from prometheus_client import start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import metrics
@@ -301,41 +300,17 @@ def test_grafana_provisioning() -> None:
 
 
 @contextmanager
-def _stand_in_exporter() -> Iterator[str]:
-    """gateway.metrics' own registry served by prometheus-client from this process."""
-    metrics.REQUESTS.labels("images/edits", "prometheus-config-test", "200").inc()
-    port = _free_port()
-    server, thread = start_http_server(port, addr="127.0.0.1")
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-@contextmanager
 def _exporter(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A real gateway (conftest's start_gateway) when it serves /metrics on its port, after one
-    edit through the fake upstream; the stand-in while its /metrics answers 404."""
-    try:
-        start_gateway: Callable[..., Any] = request.getfixturevalue("start_gateway")
-    except pytest.FixtureLookupError:
-        start_gateway = None  # type: ignore[assignment]
-    if start_gateway is not None:
-        from tests.images import png
+    """A real gateway (conftest's start_gateway) serving /metrics, after one edit through the
+    fake upstream."""
+    from tests.images import png
 
-        gw = start_gateway()
-        if httpx.get(f"{gw.url}/metrics", timeout=10).status_code != 404:
-            httpx.post(f"{gw.url}/v1/images/edits", headers={"authorization": "Bearer sk-client"},
-                       data={"model": "gpt-image-1", "prompt": "Add a hat"},
-                       files=[("image", ("cat.png", png(), "image/png"))], timeout=30)
-            request.node.user_properties.append(("exporter", "gateway"))
-            yield f"127.0.0.1:{gw.port}"
-            return
-    request.node.user_properties.append(("exporter", "stand-in"))
-    with _stand_in_exporter() as target:
-        yield target
+    gw = request.getfixturevalue("start_gateway")()
+    assert httpx.get(f"{gw.url}/metrics", timeout=10).status_code == 200, "no /metrics"
+    httpx.post(f"{gw.url}/v1/images/edits", headers={"authorization": "Bearer sk-client"},
+               data={"model": "gpt-image-1", "prompt": "Add a hat"},
+               files=[("image", ("cat.png", png(), "image/png"))], timeout=30)
+    yield f"127.0.0.1:{gw.port}"
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway import metrics
 from gateway.keys import KeyRecord, Limits, id_for_hash
 from gateway.quota.base import Decision, QuotaStore, Snapshot, StoreUnavailable, Usage
 
@@ -52,11 +53,14 @@ class RedisStore(QuotaStore):
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
-            return await op()
+            result = await op()
         except (RedisError, OSError) as exc:
             # Any Redis trouble (gone, slow, MOVED, OOM, read-only) is the store being away:
             # the admission policy (fail closed or open) decides, never a 500.
+            metrics.store_result(False)
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
+        metrics.store_result(True)
+        return result
 
     async def _run(self, key_id: str, *args: object) -> Any:
         return await self._call(lambda: self._script(keys=_keys(key_id), args=list(args)))
