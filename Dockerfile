@@ -1,14 +1,15 @@
 # Build a wheel, then install it into a slim runtime image that runs as a non-root user.
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY gateway ./gateway
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Every dependency at the version the test suite ran with (constraints.txt).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels --constraint constraints.txt .
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --home-dir /nonexistent --shell /usr/sbin/nologin gateway
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir --no-index --find-links /wheels image-gateway && rm -rf /wheels
 ENV GATEWAY_HOST=0.0.0.0 \
     GATEWAY_PORT=8080 \
     PYTHONUNBUFFERED=1

@@ -130,6 +130,8 @@ class EditsEndpoint:
         rid = request_id(headers)
         edit = _Edit(self, receive, rid)
         edit.trace_id, edit.traceparent = logs.trace_context(headers.get("traceparent"))
+        client = scope.get("client")
+        edit.client = f"{client[0]}:{client[1]}" if client else ""
         metrics.IN_FLIGHT.inc()
         try:
             await edit.run(headers, send)
@@ -168,7 +170,8 @@ class EditsEndpoint:
         metrics.record(rec, total, key_labels=self.settings.metrics_key_labels)
         fields = {
             "request_id": edit.request_id, "upstream_request_id": rec.upstream_request_id,
-            "trace_id": edit.trace_id, "key_id": rec.key_id, "model": model, "n": rec.n,
+            "trace_id": edit.trace_id, "client": edit.client, "key_id": rec.key_id,
+            "model": model, "n": rec.n,
             "status": rec.status or 499, "bytes_in": rec.bytes_in, "bytes_out": rec.bytes_out,
             "upstream_ms": round(rec.upstream_seconds * 1000, 3),
             "total_ms": round(total * 1000, 3), "rejection": rec.rejection,
@@ -210,7 +213,7 @@ class _Edit:
         self.principal: Principal | None = None
         self.ticket: Ticket | None = None
         self.rec = metrics.RequestRecord(EDITS_ENDPOINT, time.perf_counter())
-        self.trace_id = self.traceparent = ""
+        self.trace_id = self.traceparent = self.client = ""
         self.prompt: str | None = None
 
     # ----------------------------------------------------------------------------- the flow

@@ -79,7 +79,10 @@ def serve(settings: Settings) -> None:
         http="httptools",
         log_level=settings.log_level,
         server_header=False,
-        proxy_headers=False,
+        # uvicorn rewrites the client address and scheme from X-Forwarded-* only when the
+        # peer is one of forwarded_allow_ips; without that setting nothing is trusted.
+        proxy_headers=settings.forwarded_allow_ips is not None,
+        forwarded_allow_ips=settings.forwarded_allow_ips or "",
         access_log=False,  # the gateway writes its own line per request
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )

@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = "json"
     log_prompts: bool = False  # put the prompt in the request's log line
 
+    # Behind a load balancer: X-Forwarded-For / X-Forwarded-Proto are believed only from these
+    # peers (comma-separated addresses or networks, or "*"); unset, they are ignored.
+    forwarded_allow_ips: str | None = None
+
     # Observability and shutdown.
     metrics_port: int | None = Field(None, ge=0, le=65535)  # /metrics here, not on `port`
     metrics_key_labels: bool = True  # key_id labels; off for deployments with very many keys
@@ -135,6 +139,8 @@ class Settings(BaseSettings):
     @field_validator("admin_key")
     @classmethod
     def _long_admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value():
+            return None  # GATEWAY_ADMIN_KEY="" (as compose passes an unset one): no admin API
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("must be at least 16 characters")
         return v

@@ -15,7 +15,7 @@ fi
 
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e '.[test]'
+.venv/bin/python -m pip install --quiet --constraint constraints.txt -e '.[test]'
 
 .venv/bin/ruff check gateway tests bench
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
