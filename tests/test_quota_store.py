@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -15,13 +15,26 @@ from gateway.keys import KeyRecord, Limits
 from gateway.quota.base import CONCURRENCY, IMAGES, MODEL, OK, RPM, TOKENS, UNKNOWN_KEY, QuotaStore
 from gateway.quota.memory import MemoryStore
 from gateway.quota.redis_store import RedisStore
+from tests import redis_nodes
 
 redis_server = factories.redis_proc(port=None)
 
 MakeStore = Callable[..., QuotaStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_nodes.cluster(tmp_path_factory.mktemp("cluster")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with redis_nodes.sentinel(tmp_path_factory.mktemp("sentinel")) as url:
+        yield url
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     stores: list[QuotaStore] = []
 
@@ -30,16 +43,20 @@ async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]
             store: QuotaStore = MemoryStore(lease_ttl_ms=lease_ttl_ms,
                                             rpm_burst_seconds=rpm_burst_seconds)
         else:
-            proc = request.getfixturevalue("redis_server")
-            store = RedisStore(f"redis://{proc.host}:{proc.port}/0", timeout=1.0,
-                               lease_ttl_ms=lease_ttl_ms, rpm_burst_seconds=rpm_burst_seconds)
+            if request.param == "redis":
+                proc = request.getfixturevalue("redis_server")
+                url = f"redis://{proc.host}:{proc.port}/0"
+            else:  # one node's URL: the store finds out it is a cluster / asks the Sentinel
+                url = request.getfixturevalue(f"redis_{request.param}")
+            store = RedisStore(url, timeout=1.0, lease_ttl_ms=lease_ttl_ms,
+                               rpm_burst_seconds=rpm_burst_seconds)
         stores.append(store)
         return store
 
     yield make
     for store in stores:
         if isinstance(store, RedisStore):
-            await store.redis.flushdb()  # our own redis-server, started for this suite
+            await store.redis.flushall()  # our own redis-servers, started for this suite
         await store.aclose()
 
 
@@ -178,3 +195,22 @@ async def test_renewed_leases_do_not_expire(make_store: MakeStore) -> None:
     assert (await store.admit(record.hash, "m", 1, "other")).status == CONCURRENCY
     await store.settle(record.id, "long", answered=True, images=1, tokens=0)
     assert (await store.admit(record.hash, "m", 1, "other")).status == OK
+
+
+async def test_a_cluster_is_recognised_from_one_node(make_store: MakeStore,
+                                                     request: pytest.FixtureRequest) -> None:
+    store = make_store()
+    record, _ = await new_key(store, images_per_day=1)  # the first call decides
+    if "[cluster]" in request.node.name:
+        from redis.asyncio.cluster import RedisCluster
+
+        assert isinstance(store, RedisStore) and isinstance(store.redis, RedisCluster)
+        slots = {await store.redis.cluster_keyslot(k) for k in redis_store_keys(record.id)}
+        assert len(slots) == 1  # every key of one API key in one slot: the script runs
+    assert (await store.admit(record.hash, "m", 1, "a")).status == OK
+
+
+def redis_store_keys(key_id: str) -> list[str]:
+    from gateway.quota.redis_store import _keys
+
+    return _keys(key_id)

@@ -3,12 +3,16 @@ exactly across any number of gateway instances sharing the Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from gateway import metrics
@@ -41,18 +45,57 @@ def _record(key_id: str, raw: dict[str, str]) -> KeyRecord:
         metadata=json.loads(raw.get("metadata") or "{}"))
 
 
+def connect(url: str, timeout: float) -> Any:
+    """A client for a single Redis (`redis://`, `rediss://`) or Sentinel
+    (`redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`); a Redis Cluster is
+    recognised when first used (see RedisStore._ready)."""
+    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": timeout,
+                               "socket_connect_timeout": timeout, "retry_on_timeout": False}
+    if not url.startswith("redis+sentinel://"):
+        return aioredis.Redis.from_url(url, **options)
+    parsed = urlsplit(url)
+    nodes = [(host, int(port or 26379)) for host, _, port in
+             (part.rpartition("@")[2].partition(":") for part in parsed.netloc.split(","))]
+    service, _, db = parsed.path.strip("/").partition("/")
+    if not service:
+        raise ValueError("a Sentinel URL names the service: redis+sentinel://host:port/service")
+    sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": timeout}, **options,
+                        password=parsed.password, db=int(db or 0))
+    return sentinel.master_for(service)
+
+
 class RedisStore(QuotaStore):
     def __init__(self, url: str, *, timeout: float, lease_ttl_ms: int,
                  rpm_burst_seconds: float) -> None:
-        self.redis = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry_on_timeout=False)
+        self.url = url
+        self.timeout = timeout
+        self.redis = connect(url, timeout)
         self.lease_ttl_ms = lease_ttl_ms
         self.rpm_burst_seconds = rpm_burst_seconds
         self._script = self.redis.register_script(_SCRIPT)
+        self._checked = url.startswith("redis+sentinel://")  # Sentinel: never a cluster
+        self._checking = asyncio.Lock()
+
+    async def _ready(self) -> None:
+        """On first use, switch to a cluster client if the node says it is part of a cluster,
+        so one node's URL is all a Redis Cluster needs."""
+        async with self._checking:
+            if self._checked:
+                return
+            info = await self.redis.info("cluster")
+            if info.get("cluster_enabled"):
+                plain = self.redis
+                self.redis = RedisCluster.from_url(
+                    self.url, decode_responses=True, socket_timeout=self.timeout,
+                    socket_connect_timeout=self.timeout)
+                self._script = self.redis.register_script(_SCRIPT)
+                await plain.aclose()
+            self._checked = True
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
+            if not self._checked:
+                await self._ready()
             result = await op()
         except (RedisError, OSError) as exc:
             # Any Redis trouble (gone, slow, MOVED, OOM, read-only) is the store being away:
@@ -121,7 +164,7 @@ class RedisStore(QuotaStore):
         return Usage(snap.windows(), snap.in_flight)
 
     async def ping(self) -> None:
-        await self._call(self.redis.ping)
+        await self._call(lambda: self.redis.ping())
 
     async def aclose(self) -> None:
         await self.redis.aclose()

@@ -1,0 +1,74 @@
+"""Real Redis topologies for the store tests: a three-master Redis Cluster and a Sentinel-watched
+primary, each started on free loopback ports in a temp dir and stopped afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+
+from tests.fake_upstream import _free_port
+
+
+def _start(args: list[str], port: int, cwd: Path) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["redis-server", *args], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(redis.ConnectionError):
+            if redis.Redis(port=port, socket_timeout=0.5).ping():
+                return proc
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise RuntimeError(f"redis-server {args} did not start")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def cluster(workdir: Path) -> Iterator[str]:
+    """Three masters, slots spread by `redis-cli --cluster create`; yields one node's URL."""
+    ports = [_free_port() for _ in range(3)]
+    procs = []
+    try:
+        for port in ports:
+            node = workdir / str(port)
+            node.mkdir()
+            procs.append(_start(["--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
+                                 "yes", "--cluster-config-file", "nodes.conf", "--save", "",
+                                 "--appendonly", "no"], port, node))
+        subprocess.run(["redis-cli", "--cluster", "create",
+                        *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
+                        "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        deadline = time.monotonic() + 15
+        while redis.Redis(port=ports[0]).cluster("info").get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the cluster did not come up")
+            time.sleep(0.1)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def sentinel(workdir: Path) -> Iterator[str]:
+    """A primary watched by one Sentinel as service `gw`; yields the redis+sentinel:// URL."""
+    primary, watcher = _free_port(), _free_port()
+    procs = []
+    try:
+        procs.append(_start(["--port", str(primary), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], primary, workdir))
+        conf = workdir / "sentinel.conf"
+        conf.write_text(f"port {watcher}\nbind 127.0.0.1\n"
+                        f"sentinel monitor gw 127.0.0.1 {primary} 1\n")
+        procs.append(_start([str(conf), "--sentinel"], watcher, workdir))
+        yield f"redis+sentinel://127.0.0.1:{watcher}/gw/0"
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
