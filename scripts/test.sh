@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus >/dev/null || missing+=(prometheus)  # also ships promtool
+command -v nginx >/dev/null || missing+=(nginx)
 if ((${#missing[@]})); then
   apt-get update
   apt-get install -y "${missing[@]}"
