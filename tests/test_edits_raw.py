@@ -16,20 +16,8 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import Part, multipart
 from tests.images import jpeg, png, sha256
-
-Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text
-
-
-def multipart(parts: list[Part], boundary: str = "XyZ-boundary") -> tuple[bytes, str]:
-    out = bytearray()
-    for name, value, filename in parts:
-        out += f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"".encode()
-        if filename is not None:
-            out += f'; filename="{filename}"\r\nContent-Type: application/octet-stream'.encode()
-        out += b"\r\n\r\n" + (value.encode() if isinstance(value, str) else value) + b"\r\n"
-    out += f"--{boundary}--\r\n".encode()
-    return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
 def post(gw: GatewayProcess, parts: list[Part], **kwargs: object) -> httpx.Response:

@@ -3,7 +3,6 @@ the fake upstream, and the official SDK as the client."""
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import time
 from collections.abc import Callable, Iterator
@@ -15,9 +14,9 @@ import pytest
 from pytest_redis import factories
 
 from gateway.keys import KeyRecord, Limits
-from gateway.quota.redis_store import RedisStore
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
+from tests.helpers import edit, flush, make_key, put_key
 from tests.images import png
 
 quota_redis = factories.redis_proc(port=None)
@@ -27,25 +26,7 @@ quota_redis = factories.redis_proc(port=None)
 def redis_url(quota_redis) -> Iterator[str]:  # pytest-redis's executor
     url = f"redis://{quota_redis.host}:{quota_redis.port}/0"
     yield url
-    asyncio.run(_flush(url))  # our own redis-server, started for these tests
-
-
-async def _flush(url: str) -> None:
-    store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
-    await store.redis.flushdb()
-    await store.aclose()
-
-
-def make_key(url: str, models: tuple[str, ...] = (), **limits: int) -> tuple[KeyRecord, str]:
-    record, secret = KeyRecord.new("test", Limits(**limits), models=models)
-
-    async def put() -> None:
-        store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
-        await store.put_key(record)
-        await store.aclose()
-
-    asyncio.run(put())
-    return record, secret
+    flush(url)  # our own redis-server, started for these tests
 
 
 @pytest.fixture
@@ -59,10 +40,6 @@ def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
 def sdk(gw: GatewayProcess, secret: str, **kwargs: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0,
                          **kwargs)  # type: ignore[arg-type]
-
-
-def edit(client: openai.OpenAI, **kwargs: object) -> object:
-    return client.images.edit(**{"model": "gpt-image-1", "image": png(), "prompt": "x", **kwargs})
 
 
 def usage_of(gw: GatewayProcess, secret: str) -> dict:
@@ -195,17 +172,11 @@ def test_revocation_reaches_every_instance(keyed, redis_url: str, upstream: Fake
     first, second = keyed(), keyed()
     record, secret = make_key(redis_url)
     edit(sdk(second, secret))  # `second` has the key cached now
-    asyncio.run(_put(redis_url, replace(record, status="revoked")))
+    put_key(redis_url, replace(record, status="revoked"))
     time.sleep(1.1)  # records are cached for at most a second
     for gw in (first, second):
         with pytest.raises(openai.AuthenticationError):
             edit(sdk(gw, secret))
-
-
-async def _put(url: str, record: KeyRecord) -> None:
-    store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
-    await store.put_key(record)
-    await store.aclose()
 
 
 def test_redis_outage_fails_closed_then_recovers(keyed, redis_url: str, quota_redis,

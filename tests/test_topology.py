@@ -29,10 +29,9 @@ import openai
 import pytest
 from pytest_redis import factories
 
-from gateway.keys import KeyRecord, Limits
-from gateway.quota.redis_store import RedisStore
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream, _free_port
+from tests.helpers import edit, flush, make_key, multipart
 from tests.images import png, sha256
 from tests.test_deploy_files import local_nginx_conf, nginx_args
 
@@ -128,7 +127,7 @@ def topology(start_gateway: Callable[..., GatewayProcess], redis_url: str) -> It
 def redis_url(topology_redis) -> Iterator[str]:  # pytest-redis's executor: our own redis-server
     url = f"redis://{topology_redis.host}:{topology_redis.port}/0"
     yield url
-    asyncio.run(_flush(url))
+    flush(url)
 
 
 @pytest.fixture(scope="module")
@@ -138,46 +137,11 @@ def topo(start_gateway: Callable[..., GatewayProcess], redis_url: str) -> Iterat
 
 
 # ------------------------------------------------------------------------------------ helpers
-async def _flush(url: str) -> None:
-    store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
-    await store.redis.flushdb()
-    await store.aclose()
-
-
-def make_key(url: str, **limits: int) -> tuple[KeyRecord, str]:
-    """A key put straight into Redis (as tests/test_quotas.py does)."""
-    record, secret = KeyRecord.new("topology", Limits(**limits))
-
-    async def put() -> None:
-        store = RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
-        await store.put_key(record)
-        await store.aclose()
-
-    asyncio.run(put())
-    return record, secret
-
-
-def edit(client: openai.OpenAI, **kwargs: object) -> object:
-    return client.images.edit(**{"model": "gpt-image-1", "image": png(), "prompt": "x", **kwargs})
-
-
 def served(gw: GatewayProcess) -> float:
     """The API requests this gateway has answered (gateway_requests_total, every label)."""
     text = httpx.get(f"{gw.url}/metrics", timeout=5).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("gateway_requests_total{"))
-
-
-def multipart(parts: list[tuple[str, bytes | str, str | None]], boundary: str = "topo-boundary"
-              ) -> tuple[bytes, str]:
-    out = bytearray()
-    for name, value, filename in parts:
-        out += f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
-        if filename is not None:
-            out += f'; filename="{filename}"\r\nContent-Type: image/png'.encode()
-        out += b"\r\n\r\n" + (value.encode() if isinstance(value, str) else value) + b"\r\n"
-    out += f"--{boundary}--\r\n".encode()
-    return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
 def _rss_kb(pid: int) -> int:

@@ -1,0 +1,60 @@
+"""Small helpers several test files share: multipart bodies, keys put straight into Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+
+from gateway.keys import KeyRecord, Limits
+from gateway.quota.redis_store import RedisStore
+from tests.images import png
+
+Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text
+
+
+def multipart(parts: list[Part], boundary: str = "XyZ-boundary") -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type; files declared octet-stream."""
+    out = bytearray()
+    for name, value, filename in parts:
+        out += f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"".encode()
+        if filename is not None:
+            out += f'; filename="{filename}"\r\nContent-Type: application/octet-stream'.encode()
+        out += b"\r\n\r\n" + (value.encode() if isinstance(value, str) else value) + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
+
+
+def _store(url: str) -> RedisStore:
+    return RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
+
+
+def make_key(url: str, models: tuple[str, ...] = (), name: str = "test",
+             **limits: int) -> tuple[KeyRecord, str]:
+    """A key put straight into the Redis at `url`: its record and its secret."""
+    record, secret = KeyRecord.new(name, Limits(**limits), models=models)
+    put_key(url, record)
+    return record, secret
+
+
+def put_key(url: str, record: KeyRecord) -> None:
+    async def put() -> None:
+        store = _store(url)
+        await store.put_key(record)
+        await store.aclose()
+
+    asyncio.run(put())
+
+
+def flush(url: str) -> None:
+    """Empty a Redis the tests started themselves (never the machine's own)."""
+    async def run() -> None:
+        store = _store(url)
+        await store.redis.flushdb()
+        await store.aclose()
+
+    asyncio.run(run())
+
+
+def edit(client: openai.OpenAI, **kwargs: object) -> object:
+    return client.images.edit(**{"model": "gpt-image-1", "image": png(), "prompt": "x", **kwargs})
