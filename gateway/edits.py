@@ -29,7 +29,14 @@ from gateway import logs, metrics
 from gateway.admission import Admission, EditRequest, KeyPrincipal, Outcome, Principal, Ticket
 from gateway.asgi import Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
-from gateway.errors import GatewayError, InvalidRequest, RequestTooLarge, UpstreamUnavailable
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    RequestTimeout,
+    RequestTooLarge,
+    ServiceUnavailable,
+    UpstreamUnavailable,
+)
 from gateway.multipart import (
     PART_DATA,
     PART_START,
@@ -124,11 +131,20 @@ class EditsEndpoint:
         self.max_file_bytes = max(
             max(m.max_image_bytes, m.mask.max_bytes if m.mask else 0) for m in specs)
         self.max_images = max(m.max_images for m in specs)
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = headers_of(scope)
         rid = request_id(headers)
         edit = _Edit(self, receive, rid)
+        if self.in_flight >= self.settings.max_in_flight:
+            # Shed load before reading anything: memory and file handles stay bounded.
+            await edit.fail(send, ServiceUnavailable(
+                "The gateway is at capacity; retry shortly.", code="overloaded",
+                headers={"retry-after": "1"}), drain=False)
+            self._observe(edit)
+            return
+        self.in_flight += 1
         edit.trace_id, edit.traceparent = logs.trace_context(headers.get("traceparent"))
         client = scope.get("client")
         edit.client = f"{client[0]}:{client[1]}" if client else ""
@@ -147,11 +163,20 @@ class EditsEndpoint:
             # completing it makes the server cut the connection, so the client sees a broken
             # response rather than a wrong one.
             log.warning("request %s: upstream failed mid-answer: %r", rid, exc)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not edit.body_timed_out or task is None or task.uncancel() != 0:
+                raise  # a server shutdown, not the body watchdog
+            log.info("request %s: client silent mid-body; timed out", rid)
+            await edit.fail(send, RequestTimeout(
+                f"No request body bytes for {self.settings.body_read_timeout:g} seconds."),
+                drain=False)
         except Exception:
             log.exception("request %s: internal error", rid)
             if not edit.response_started:
                 await edit.fail(send, GatewayError("The gateway failed to handle the request."))
         finally:
+            self.in_flight -= 1
             edit.close()
             metrics.IN_FLIGHT.dec()
             self._observe(edit)
@@ -195,6 +220,9 @@ class _Edit:
         self.response_started = False
         self.response_done = False
         self.client_gone = False
+        self.body_timed_out = False
+        self.last_body = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self.fields: dict[str, str] = {}  # raw text fields before the model is known
         self.values: dict[str, str] = {}  # normalized values, defaults included, for checks
         self.sent: list[str] = []  # fields the client sent, in order
@@ -223,6 +251,7 @@ class _Edit:
             raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
         self.principal = await self.ep.admission.authenticate(headers.get("authorization"))
         boundary = boundary_of(headers.get("content-type"))
+        self._arm_body_watchdog()
         self._reader = MultipartReader(
             boundary, max_parts=self.settings.max_parts,
             max_header_bytes=self.settings.max_part_header_bytes)
@@ -319,6 +348,26 @@ class _Edit:
         # are dropped), so its usage is counted.
 
     # ------------------------------------------------------------------------- reading
+    def _arm_body_watchdog(self) -> None:
+        """One timer per request (not one per chunk): cancels the request when the client has
+        sent no body bytes for body_read_timeout while its body is unfinished (slow loris)."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        limit = self.settings.body_read_timeout
+        self.last_body = loop.time()
+
+        def check() -> None:
+            if self.body_done.is_set() or task is None or task.done():
+                return
+            idle = loop.time() - self.last_body
+            if idle >= limit:
+                self.body_timed_out = True
+                task.cancel()
+            else:
+                self._watchdog = loop.call_later(limit - idle, check)
+
+        self._watchdog = loop.call_later(limit, check)
+
     async def _read(self) -> list[tuple[int, Any]]:
         """The multipart events of the next body message, counting bytes against the limit."""
         assert self._reader is not None
@@ -328,6 +377,7 @@ class _Edit:
             self.rec.client_seconds += time.perf_counter() - waited
         else:
             message = await self.receive()
+        self.last_body = asyncio.get_running_loop().time()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
@@ -778,9 +828,11 @@ class _Edit:
             headers += [(k.encode(), v.encode()) for k, v in ticket.headers.items()]
         return headers
 
-    async def fail(self, send: Send, exc: GatewayError) -> None:
+    async def fail(self, send: Send, exc: GatewayError, *, drain: bool = True) -> None:
         """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts)."""
-        if not self.body_done.is_set() and exc.status != 413:
+        if self._watchdog is not None:
+            self._watchdog.cancel()  # the drain below bounds its own waits
+        if drain and not self.body_done.is_set() and exc.status != 413:
             waited = time.perf_counter()
             await self._drain()
             self.rec.client_seconds += time.perf_counter() - waited
@@ -805,16 +857,19 @@ class _Edit:
         which send their whole body before reading, see the error instead of a reset."""
         try:
             while self.received <= self.ep.max_body:
-                message = await self.receive()
+                async with asyncio.timeout(self.settings.body_read_timeout):
+                    message = await self.receive()
                 if message["type"] == "http.disconnect":
                     return
                 self.received += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     return
-        except Exception:
+        except Exception:  # TimeoutError included: a silent client gets its error regardless
             return
 
     def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self.spool is not None:
             self.spool.close()
 

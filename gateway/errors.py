@@ -87,6 +87,14 @@ class ServiceUnavailable(GatewayError):
     code = "service_unavailable"
 
 
+class RequestTimeout(GatewayError):
+    """The client went silent in the middle of its body (408; the SDKs retry it)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class Unauthorized(GatewayError):
     """A missing, unknown or revoked API key (401)."""
 

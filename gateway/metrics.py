@@ -59,7 +59,7 @@ STORE_UP = Gauge("gateway_quota_store_up", "1 when the quota store answered its 
                  multiprocess_mode="livemin")
 
 REJECTION_REASONS = {400: "validation", 401: "auth", 403: "auth", 404: "validation",
-                     405: "validation", 413: "too_large", 503: "unavailable"}
+                     405: "validation", 408: "timeout", 413: "too_large", 503: "unavailable"}
 _TOKEN_TYPES = {"input_tokens": "input", "output_tokens": "output",
                 "input_text_tokens": "input_text", "input_image_tokens": "input_image"}
 
@@ -87,6 +87,8 @@ class RequestRecord:
 
 
 def rejection_reason(status: int, code: str | None) -> str:
+    if code == "overloaded":
+        return "overloaded"
     if status == 429:
         return "quota" if code == "insufficient_quota" else "rate_limit"
     return REJECTION_REASONS.get(status) or ("validation" if status < 500 else "internal")

@@ -132,6 +132,11 @@ class Settings(BaseSettings):
     max_part_header_bytes: int = Field(4096, ge=64)
     max_filename_chars: int = Field(1024, ge=1)
 
+    # Load shedding and slow clients: past max_in_flight edits at once, new ones get a fast,
+    # retryable 503; a client silent for body_read_timeout seconds mid-body gets a 408.
+    max_in_flight: int = Field(256, ge=1)
+    body_read_timeout: float = Field(30.0, gt=0)
+
     # Files that arrive before the text fields wait here (memory first, then an unnamed temp file).
     spool_dir: Path | None = None
     spool_memory_bytes: int = Field(1024 * 1024, ge=0)  # 0: straight to disk

@@ -4,6 +4,8 @@ primary, each started on free loopback ports in a temp dir and stopped afterward
 from __future__ import annotations
 
 import contextlib
+import random
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,10 +30,25 @@ def _start(args: list[str], port: int, cwd: Path) -> subprocess.Popen[bytes]:
         time.sleep(0.05)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too: at most 55535."""
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        with contextlib.ExitStack() as stack:
+            try:
+                for candidate in (port, port + 10000):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 @contextlib.contextmanager
 def cluster(workdir: Path) -> Iterator[str]:
     """Three masters, slots spread by `redis-cli --cluster create`; yields one node's URL."""
-    ports = [_free_port() for _ in range(3)]
+    ports = [_cluster_port() for _ in range(3)]
     procs = []
     try:
         for port in ports:
