@@ -8,6 +8,9 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
@@ -81,3 +84,66 @@ def test_load_beyond_capacity_is_shed_fast(start_gateway: Callable[..., GatewayP
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert 'gateway_rejections_total{reason="overloaded"} 1.0' in metrics
     assert len(upstream.completed) == 2
+
+
+VALID_PARTS = [("model", "gpt-image-1", None), ("prompt", "a hat", None), ("n", "1", None),
+               ("image", png(32, 32), "a.png"), ("mask", png(32, 32, alpha=True), "m.png")]
+
+
+ODD_PARTS = [
+    ("image[]", png(4000, 4000), "big.png"), ("image", b"GIF89a....", "x.gif"),
+    ("prompt", "again", None), ("n", "99", None), ("\xff\xfename", "v", None),
+    ("image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, "broken.png"),
+    ("mask", png(4, 4), "m.png"), ("size", "1024X1024", None), ("stream", "true", None)]
+
+
+def _mutations() -> st.SearchStrategy[tuple[bytes, str]]:
+    """Bodies a broken or hostile client sends: a valid edit cut, flipped, padded or
+    reassembled from odd parts, random bytes, and bad Content-Types."""
+    base, ctype = multipart(VALID_PARTS)
+
+    def truncate(at: int) -> tuple[bytes, str]:
+        return base[: at % len(base)], ctype
+
+    def flip(points: list[tuple[int, int]]) -> tuple[bytes, str]:
+        body = bytearray(base)
+        for at, value in points:
+            body[at % len(body)] = value
+        return bytes(body), ctype
+
+    def insert(at: int, junk: bytes) -> tuple[bytes, str]:
+        at %= len(base)
+        return base[:at] + junk + base[at:], ctype
+
+    parts = st.lists(st.sampled_from([*VALID_PARTS, *ODD_PARTS]), max_size=12)
+    return st.one_of(
+        st.integers(min_value=0).map(truncate),
+        st.lists(st.tuples(st.integers(min_value=0), st.integers(0, 255)), min_size=1,
+                 max_size=20).map(flip),
+        st.tuples(st.integers(min_value=0), st.binary(max_size=300)).map(lambda a: insert(*a)),
+        parts.map(multipart),
+        st.binary(max_size=2000).map(lambda b: (b, ctype)),
+        st.tuples(st.binary(max_size=500), st.sampled_from([
+            "multipart/form-data", "multipart/form-data; boundary=", "text/plain",
+            "multipart/form-data; boundary=" + "x" * 300])),
+    )
+
+
+@pytest.fixture(scope="module")
+def fuzz_gateway(start_gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
+    return start_gateway(body_read_timeout=2)
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(_mutations())
+def test_mangled_bodies_get_openai_errors_never_5xx(fuzz_gateway: GatewayProcess,
+                                                    case: tuple[bytes, str]) -> None:
+    body, ctype = case
+    r = httpx.post(f"{fuzz_gateway.url}/v1/images/edits", content=body,
+                   headers={"content-type": ctype}, timeout=10)
+    assert r.status_code < 500, (r.status_code, r.text)
+    assert r.headers["x-request-id"]
+    if r.status_code >= 400:
+        error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
