@@ -89,3 +89,16 @@ def sentinel(workdir: Path) -> Iterator[str]:
         for proc in procs:
             proc.kill()
             proc.wait()
+
+
+@contextlib.contextmanager
+def single(workdir: Path, *extra: str) -> Iterator[str]:
+    """One redis-server with extra arguments (e.g. DEBUG allowed, to slow it on purpose)."""
+    port = _free_port()
+    proc = _start(["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                   "no", *extra], port, workdir)
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()

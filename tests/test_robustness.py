@@ -4,17 +4,23 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
+import openai
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pytest_redis import factories
 
-from tests.conftest import GatewayProcess
+from tests import redis_nodes
+from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import multipart
+from tests.helpers import make_key, multipart
 from tests.images import png
 
 
@@ -147,3 +153,71 @@ def test_mangled_bodies_get_openai_errors_never_5xx(fuzz_gateway: GatewayProcess
     if r.status_code >= 400:
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+slow_redis = factories.redis_proc(port=None)
+
+
+def test_secrets_stay_where_they_belong(start_gateway: Callable[..., GatewayProcess],
+                                        upstream: FakeUpstream, slow_redis) -> None:
+    url = f"redis://{slow_redis.host}:{slow_redis.port}/0"
+    record, secret = make_key(url, images_per_day=5)
+    gw = start_gateway(redis_url=url, admin_key="admin-secret-0123456789")
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+    answers = [sdk.images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")]
+    for _ in sdk.images.edit(model="gpt-image-1", image=png(), prompt="x", stream=True):
+        pass
+    upstream.behaviour.status = 401  # the upstream refuses the gateway's own key
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")
+    answers.append(info.value.response)
+    with pytest.raises(openai.BadRequestError) as bad:
+        sdk.images.edit(model="gpt-image-1", image=png(), prompt="x", size="1x1")
+    answers.append(bad.value.response)
+
+    # The client's key: not upstream, not in Redis, not in logs or metrics.
+    for rec in upstream.records:
+        assert secret not in str(rec.headers) and secret not in str(rec.fields)
+    client = redis.Redis(host=slow_redis.host, port=slow_redis.port, decode_responses=True)
+    stored = [str(client.hgetall(k) if client.type(k) == "hash" else client.dump(k))
+              for k in client.scan_iter()]
+    assert stored and not any(secret in s for s in stored)
+    assert secret not in gw.log() and secret not in httpx.get(f"{gw.url}/metrics").text
+    # The upstream's key: in no answer, head or body.
+    for answer in answers:
+        assert UPSTREAM_KEY not in str(answer.headers) + answer.text
+        assert UPSTREAM_KEY[:12] not in answer.text
+    # No admin key, no admin API; one key sees only its own usage.
+    assert httpx.get(f"{gw.url}/admin/keys").status_code == 401
+    other, other_secret = make_key(url)
+    mine = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {secret}"}).json()
+    theirs = httpx.get(f"{gw.url}/v1/usage",
+                       headers={"authorization": f"Bearer {other_secret}"}).json()
+    assert (mine["key"]["id"], theirs["key"]["id"]) == (record.id, other.id)
+    assert mine["limits"]["images"]["used"] == 2 and theirs["limits"]["images"]["used"] == 0
+
+
+@pytest.fixture
+def debuggable_redis(tmp_path: Path) -> Iterator[str]:
+    with redis_nodes.single(tmp_path, "--enable-debug-command", "local") as url:
+        yield url
+
+
+def test_a_slow_redis_never_hangs_a_request(start_gateway: Callable[..., GatewayProcess],
+                                            upstream: FakeUpstream, debuggable_redis: str) -> None:
+    url = debuggable_redis
+    _, secret = make_key(url)
+    gw = start_gateway(redis_url=url, redis_timeout=0.2)
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # the key is cached now
+    sleeper = threading.Thread(target=lambda: redis.Redis.from_url(url).execute_command(
+        "DEBUG", "SLEEP", "2"))
+    sleeper.start()
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert info.value.status_code == 503 and time.monotonic() - t0 < 1.5
+    sleeper.join()
+    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # recovered by itself
+    assert len(upstream.completed) == 2
