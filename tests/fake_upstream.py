@@ -68,6 +68,7 @@ class Behaviour:
     cut_json: bool = False  # send half the JSON body, then drop the connection
     cut_mid_event: bool = False  # SSE: drop the connection halfway through the second event
     headers: dict[str, str] = field(default_factory=dict)  # extra answer headers
+    reset_after_bytes: int = 0  # drop the connection once this much body has arrived
     usage: dict[str, Any] = field(default_factory=lambda: {
         "input_tokens": 50, "output_tokens": 200, "total_tokens": 250,
         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}})
@@ -137,6 +138,9 @@ class FakeUpstream:
             async for chunk in request.stream():
                 body += chunk
                 record.bytes_received = len(body)
+                if 0 < self.behaviour.reset_after_bytes < len(body):
+                    # Gives up on the upload: the server answers 500 and drops the connection.
+                    raise ConnectionResetError("fake upstream drops the upload")
             form = await Request(scope, _replay(bytes(body))).form(
                 max_files=1000, max_fields=1000, max_part_size=1 << 20)
         except Exception:  # a cut body (ClientDisconnect, or a parse error) is what we record

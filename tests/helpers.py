@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+from pathlib import Path
 
 import openai
 
@@ -58,3 +61,14 @@ def flush(url: str) -> None:
 
 def edit(client: openai.OpenAI, **kwargs: object) -> object:
     return client.images.edit(**{"model": "gpt-image-1", "image": png(), "prompt": "x", **kwargs})
+
+
+def open_files_in(pid: int, directory: Path) -> list[tuple[str, int]]:
+    """(path, mode) of the files a process holds open in directory: unnamed ones included."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith(str(directory)):
+                found.append((target, os.stat(fd).st_mode & 0o777))
+    return found

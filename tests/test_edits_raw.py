@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -16,7 +14,7 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Part, multipart
+from tests.helpers import Part, multipart, open_files_in
 from tests.images import jpeg, png, sha256
 
 
@@ -315,17 +313,6 @@ def test_client_leaving_while_upstream_works_cancels_it(
     assert upstream.records[0].completed and time.monotonic() - t0 < 2.5
 
 
-def _open_files_in(pid: int, directory: Path) -> list[tuple[str, int]]:
-    """(path, mode) of the files a process holds open in directory: unnamed ones included."""
-    found = []
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith(str(directory)):
-                found.append((target, os.stat(fd).st_mode & 0o777))
-    return found
-
-
 def test_spooled_files_use_the_spool_dir_privately_and_leave_nothing(
         start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
@@ -347,7 +334,7 @@ def test_spooled_files_use_the_spool_dir_privately_and_leave_nothing(
             task = asyncio.create_task(http.post(f"{gw.url}/v1/images/edits", content=paused_body(),
                                                  headers={"content-type": ctype}))
             deadline = time.monotonic() + 10
-            while not (files := _open_files_in(gw.proc.pid, spool)):
+            while not (files := open_files_in(gw.proc.pid, spool)):
                 assert time.monotonic() < deadline, "nothing was spooled to spool_dir"
                 await asyncio.sleep(0.02)
             held.append(files)
@@ -360,7 +347,7 @@ def test_spooled_files_use_the_spool_dir_privately_and_leave_nothing(
     assert path.endswith("(deleted)") and mode == 0o600  # unnamed, the gateway's user only
     assert upstream.records[0].bytes_received > 0 and upstream.completed  # streamed after
     assert [f.sha256 for f in upstream.last().files] == [sha256(i) for i in imgs]
-    assert _open_files_in(gw.proc.pid, spool) == [] and list(spool.iterdir()) == []
+    assert open_files_in(gw.proc.pid, spool) == [] and list(spool.iterdir()) == []
 
 
 def test_unknown_fields_and_models_may_pass_through(start_gateway: Callable[..., GatewayProcess],

@@ -20,7 +20,7 @@ from pytest_redis import factories
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import make_key, multipart
+from tests.helpers import make_key, multipart, open_files_in
 from tests.images import png
 
 
@@ -221,3 +221,52 @@ def test_a_slow_redis_never_hangs_a_request(start_gateway: Callable[..., Gateway
     sleeper.join()
     sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # recovered by itself
     assert len(upstream.completed) == 2
+
+
+def _in_flight(gw: GatewayProcess) -> float:
+    for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
+        if line.startswith("gateway_in_flight_requests "):
+            return float(line.split()[1])
+    raise AssertionError("no in-flight gauge")
+
+
+def test_upstream_and_client_faults_leave_nothing_behind(
+        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream,
+        tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    gw = start_gateway(upstream_read_timeout=0.5, spool_dir=spool, spool_memory_bytes=1)
+    sdk = gw.client()
+
+    # The upstream drops the upload half way: a 5xx in OpenAI's format, nothing completed.
+    upstream.behaviour.reset_after_bytes = 1_000_000
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.images.edit(model="gpt-image-1", image=png(size=3_000_000), prompt="x")
+    assert info.value.status_code >= 500 and info.value.response.json()["error"]["message"]
+    assert upstream.completed == []
+
+    # The upstream stalls in the middle of a stream: the stream ends with an error event.
+    upstream.reset()
+    upstream.behaviour.event_delay = 2
+    with pytest.raises(openai.APIError):
+        for _ in sdk.images.edit(model="gpt-image-1", image=png(), prompt="x", stream=True,
+                                 partial_images=2):
+            pass
+
+    # A client that goes away before sending any body, and one mid-upload with files spooled.
+    upstream.reset()
+    body, ctype = multipart([("image", png(size=2_000_000), "a.png"), ("prompt", "x", None)])
+    for sent in (0, 1_000_000):
+        with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+            s.sendall(_head(body, ctype) + body[:sent])
+        time.sleep(0.3)
+    assert upstream.records == []
+
+    deadline = time.monotonic() + 5
+    while _in_flight(gw) != 0:
+        assert time.monotonic() < deadline, "a request is still counted in flight"
+        time.sleep(0.05)
+    assert open_files_in(gw.proc.pid, spool) == []  # spool files are unnamed: look at fds
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert 'gateway_upstream_errors_total{kind="timeout",model="gpt-image-1"} 1.0' in metrics
+    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
