@@ -278,6 +278,11 @@ class RawClient(EditClient):
         return (reader, writer), False
 
     async def _exchange(self, body: bytes, parts: Callable[[], Iterator[bytes]]) -> None:
+        status, answer = await self.send(body, parts)
+        _check(self.origin, status, answer)
+
+    async def send(self, body: bytes, parts: Callable[[], Iterator[bytes]]) -> tuple[int, bytes]:
+        """One request on a kept-alive connection: (status, answer body), whatever the status."""
         for attempt in range(2):
             (reader, writer), reused = await self._connection()
             try:
@@ -298,12 +303,12 @@ class RawClient(EditClient):
                 writer.close()
                 raise
             break
-        _check(self.origin, status, answer)
         if keep:
             self._idle.append((reader, writer))
         else:
             self._open.discard(writer)
             writer.close()
+        return status, answer
 
     async def post(self, body: bytes) -> None:
         await self._exchange(body, lambda: iter((body,)))

@@ -34,14 +34,12 @@ import uvloop
 from bench_edits import (
     BOUNDARY,
     MB,
-    REQUEST_TIMEOUT,
     ROOT,
     RawClient,
     Server,
     _base_env,
     _chunks,
     _free_port,
-    _read_response,
     multipart,
     pct,
     table,
@@ -110,34 +108,10 @@ def status_client(base: type[RawClient]) -> type[RawClient]:
     """bench_edits' raw client, but answering the status instead of failing on a non-200."""
 
     class StatusClient(base):  # type: ignore[misc, valid-type]
-        async def send(self, body: bytes, chunked: bool) -> int:
+        async def send_status(self, body: bytes, chunked: bool) -> int:
             parts: Callable[[], Iterator[bytes]] = (
                 (lambda: _chunks(body)) if chunked else (lambda: iter((body,))))
-            for attempt in range(2):
-                (reader, writer), reused = await self._connection()
-                try:
-                    async with asyncio.timeout(REQUEST_TIMEOUT.read or 60):
-                        writer.write(self._head(len(body)))
-                        for part in parts():
-                            writer.write(part)
-                            await writer.drain()
-                        status, _, keep = await _read_response(reader)
-                except (ConnectionError, asyncio.IncompleteReadError):
-                    self._open.discard(writer)
-                    writer.close()
-                    if reused and attempt == 0:
-                        continue  # closed by the server while idle: retry once
-                    raise
-                except BaseException:
-                    self._open.discard(writer)
-                    writer.close()
-                    raise
-                break
-            if keep:
-                self._idle.append((reader, writer))
-            else:
-                self._open.discard(writer)
-                writer.close()
+            status, _ = await self.send(body, parts)
             return status
 
     return StatusClient
@@ -176,7 +150,7 @@ async def soak(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> 
             client = bad if kind == "wrong-key" else good
             start = time.perf_counter()
             try:
-                status = await client.send(bodies[kind], MIX[kind][1])
+                status = await client.send_status(bodies[kind], MIX[kind][1])
                 outcome = "ok" if status == 200 else str(status)
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
                 outcome = f"client:{type(exc).__name__}"
