@@ -778,6 +778,20 @@ class _Edit:
                       self.request_id, self.spec.upstream if self.spec else "")
             self.rec.upstream_error = "status"
             raise UpstreamUnavailable("The upstream rejected the gateway's credentials.")
+        if response.status_code >= 400 and not response.headers.get(
+                "content-type", "").startswith("application/json"):
+            # An error page from something in front of the upstream (a proxy's HTML, a plain
+            # "Internal Server Error"): the SDKs expect OpenAI's error shape, so wrap it.
+            head = b""
+            async for chunk in response.aiter_raw():  # the first bytes say enough
+                head += chunk
+                if len(head) >= 300:
+                    break
+            text = head[:300].decode(errors="replace").strip()
+            error = GatewayError(f"The upstream answered {response.status_code}: {text}",
+                                 code="upstream_error")
+            error.status = response.status_code
+            raise error
         headers = self._common_headers(ticket)
         sse = False
         for key, value in response.headers.raw:
