@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from pathlib import Path
 
 import openai
@@ -72,3 +73,17 @@ def open_files_in(pid: int, directory: Path) -> list[tuple[str, int]]:
             if target.startswith(str(directory)):
                 found.append((target, os.stat(fd).st_mode & 0o777))
     return found
+
+
+def raw_exchange(port: int, data: bytes, *, timeout: float = 10) -> bytes:
+    """Send raw bytes to a server on loopback and read its answer up to the end of a JSON body
+    (or until it closes): for requests an HTTP client would not send, or would finish."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer

@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Part, multipart, open_files_in
+from tests.helpers import Part, multipart, open_files_in, raw_exchange
 from tests.images import jpeg, png, sha256
 
 
@@ -213,13 +213,9 @@ def test_413_from_content_length_before_reading(start_gateway: Callable[..., Gat
                                                 upstream: FakeUpstream) -> None:
     gw = start_gateway(max_body_bytes=100_000)
     # Declare a huge body but send none of it: the answer must come from the header alone.
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 900000000\r\n"
-                  b"Content-Type: multipart/form-data; boundary=abc\r\n\r\n")
-        head = b""
-        while not head.endswith(b"}}"):
-            head += s.recv(65536)
-        head = head.decode()
+    head = raw_exchange(gw.port, b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+                        b"Content-Length: 900000000\r\n"
+                        b"Content-Type: multipart/form-data; boundary=abc\r\n\r\n").decode()
     assert head.startswith("HTTP/1.1 413")
     assert '"code": "request_too_large"' in head
 

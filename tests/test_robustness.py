@@ -20,21 +20,13 @@ from pytest_redis import factories
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import make_key, multipart, open_files_in
+from tests.helpers import make_key, multipart, open_files_in, raw_exchange
 from tests.images import png
 
 
 def _send_then_stall(gw: GatewayProcess, head: bytes, body: bytes, sent: int) -> bytes:
     """Send the headers and the first `sent` body bytes, then nothing; return the answer."""
-    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
-        s.sendall(head + body[:sent])
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
+    return raw_exchange(gw.port, head + body[:sent])
 
 
 def _head(body: bytes, ctype: str) -> bytes:

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -31,7 +30,7 @@ from pytest_redis import factories
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream, _free_port
-from tests.helpers import edit, flush, make_key, multipart
+from tests.helpers import edit, flush, make_key, multipart, raw_exchange
 from tests.images import png, sha256
 from tests.test_deploy_files import local_nginx_conf, nginx_args
 
@@ -310,15 +309,9 @@ def test_nginx_own_answers(topo: Topology) -> None:
     assert httpx.get(f"{topo.gateways[0].url}/metrics", timeout=5).status_code == 200
     assert httpx.get(f"{topo.nginx.url}/metrics", timeout=5).status_code == 404  # not exposed
     # Above client_max_body_size nginx refuses from the headers, in OpenAI's error shape.
-    with socket.create_connection(("127.0.0.1", topo.nginx.port), timeout=5) as s:
-        s.sendall(b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
-                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
-        answer = b""
-        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-            data = s.recv(65536)
-            if not data:
-                break
-            answer += data
+    answer = raw_exchange(topo.nginx.port, b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
+                          b"Content-Length: 1000000000\r\n"
+                          b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), head
     assert json.loads(body)["error"]["code"] == "request_too_large"
