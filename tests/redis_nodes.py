@@ -16,17 +16,21 @@ import redis
 from tests.fake_upstream import _free_port
 
 
-def _start(args: list[str], port: int, cwd: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(["redis-server", *args], cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+def _start(stack: contextlib.ExitStack, port: int, cwd: Path, *args: str) -> None:
+    """A redis-server on `port` (no persistence), stopped when `stack` closes; `args` follow
+    the defaults, or replace them when they start with a config file (Sentinel)."""
+    defaults = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    command = ["redis-server", *(args if args and args[0].endswith(".conf") else
+                                 [*defaults, *args])]
+    proc = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    stack.callback(lambda: (proc.kill(), proc.wait()))
     deadline = time.monotonic() + 10
     while True:
         with contextlib.suppress(redis.ConnectionError):
             if redis.Redis(port=port, socket_timeout=0.5).ping():
-                return proc
+                return
         if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError(f"redis-server {args} did not start")
+            raise RuntimeError(f"redis-server {command[1:]} did not start")
         time.sleep(0.05)
 
 
@@ -49,14 +53,12 @@ def _cluster_port() -> int:
 def cluster(workdir: Path) -> Iterator[str]:
     """Three masters, slots spread by `redis-cli --cluster create`; yields one node's URL."""
     ports = [_cluster_port() for _ in range(3)]
-    procs = []
-    try:
+    with contextlib.ExitStack() as stack:
         for port in ports:
             node = workdir / str(port)
             node.mkdir()
-            procs.append(_start(["--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
-                                 "yes", "--cluster-config-file", "nodes.conf", "--save", "",
-                                 "--appendonly", "no"], port, node))
+            _start(stack, port, node, "--cluster-enabled", "yes",
+                   "--cluster-config-file", "nodes.conf")
         subprocess.run(["redis-cli", "--cluster", "create",
                         *(f"127.0.0.1:{p}" for p in ports), "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, capture_output=True, timeout=30)
@@ -66,39 +68,25 @@ def cluster(workdir: Path) -> Iterator[str]:
                 raise RuntimeError("the cluster did not come up")
             time.sleep(0.1)
         yield f"redis://127.0.0.1:{ports[0]}/0"
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
 def sentinel(workdir: Path) -> Iterator[str]:
     """A primary watched by one Sentinel as service `gw`; yields the redis+sentinel:// URL."""
     primary, watcher = _free_port(), _free_port()
-    procs = []
-    try:
-        procs.append(_start(["--port", str(primary), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], primary, workdir))
+    with contextlib.ExitStack() as stack:
+        _start(stack, primary, workdir)
         conf = workdir / "sentinel.conf"
         conf.write_text(f"port {watcher}\nbind 127.0.0.1\n"
                         f"sentinel monitor gw 127.0.0.1 {primary} 1\n")
-        procs.append(_start([str(conf), "--sentinel"], watcher, workdir))
+        _start(stack, watcher, workdir, str(conf), "--sentinel")
         yield f"redis+sentinel://127.0.0.1:{watcher}/gw/0"
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
 
 
 @contextlib.contextmanager
 def single(workdir: Path, *extra: str) -> Iterator[str]:
     """One redis-server with extra arguments (e.g. DEBUG allowed, to slow it on purpose)."""
     port = _free_port()
-    proc = _start(["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                   "no", *extra], port, workdir)
-    try:
+    with contextlib.ExitStack() as stack:
+        _start(stack, port, workdir, *extra)
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait()
