@@ -91,28 +91,36 @@ def _redis_port() -> int:
     raise RuntimeError("no free port")
 
 
-@contextlib.contextmanager
-def stack(logdir: Path) -> Iterator[Stack]:
-    """Our redis-server, the fake upstream and both gateways, stopped whatever happens."""
+def start_redis_and_upstream(logdir: Path, started: list[Server]
+                             ) -> tuple[Server, Server, str, dict[str, str]]:
+    """Our redis-server and the lean upstream, ready (added to `started`, for the caller to
+    stop): them, the Redis URL, and the environment a gateway needs to use the upstream."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    r_port, up_port = _redis_port(), _free_port()
+    redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
+                                    "--save", "", "--appendonly", "no", "--dir", str(logdir)],
+                          _base_env(), r_port, logdir)
+    started.append(redis_server)
+    upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
+                                   "--port", str(up_port)], _base_env(), up_port, logdir)
+    started.append(upstream)
+    redis_server.wait_ready()
+    upstream.wait_ready()
+    env = _base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
+                         "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
+                         "GATEWAY_LOG_LEVEL": "warning"}
+    return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
+
+
+@contextlib.contextmanager
+def stack(logdir: Path) -> Iterator[Stack]:
+    """Our redis-server, the fake upstream and both gateways, stopped whatever happens."""
     started: list[Server] = []
     try:
-        r_port, up_port, on_port, off_port = _redis_port(), _free_port(), _free_port(), _free_port()
-        redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
-                                        "--save", "", "--appendonly", "no", "--dir", str(logdir)],
-                              _base_env(), r_port, logdir)
-        started.append(redis_server)
-        upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
-                                       "--port", str(up_port)], _base_env(), up_port, logdir)
-        started.append(upstream)
-        redis_server.wait_ready()
-        upstream.wait_ready()
-        url = f"redis://127.0.0.1:{r_port}/0"
-        env = _base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
-                             "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-                             "GATEWAY_LOG_LEVEL": "warning"}
+        redis_server, upstream, url, env = start_redis_and_upstream(logdir, started)
+        on_port, off_port = _free_port(), _free_port()
         gateways = {}
         for name, port, extra in ((ON, on_port, {"GATEWAY_REDIS_URL": url}), (OFF, off_port, {})):
             gateways[name] = Server(name.replace(" ", "-"), [sys.executable, "-m", "gateway.cli",

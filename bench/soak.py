@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import random
 import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -37,7 +36,6 @@ from bench_edits import (
     ROOT,
     RawClient,
     Server,
-    _base_env,
     _chunks,
     _free_port,
     multipart,
@@ -46,7 +44,7 @@ from bench_edits import (
     upstream_stats,
     verdict,
 )
-from bench_quota import _redis_port, keyed_client, make_store
+from bench_quota import keyed_client, make_store, start_redis_and_upstream
 
 LIMITS = {"rpm": 0, "images_per_day": 10**9, "tokens_per_month": 0, "max_concurrent": 0}
 # kind: (weight, sent in 256 KiB chunks); the bodies are built in main().
@@ -65,25 +63,13 @@ class Stack:
 @contextlib.contextmanager
 def stack(logdir: Path) -> Iterator[Stack]:
     """Our redis-server, the lean upstream and one quota gateway, stopped whatever happens."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
     started: list[Server] = []
     try:
-        r_port, up_port, gw_port = _redis_port(), _free_port(), _free_port()
-        started.append(Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
-                                        "--save", "", "--appendonly", "no", "--dir", str(logdir)],
-                              _base_env(), r_port, logdir))
-        started.append(Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
-                                           "--port", str(up_port)], _base_env(), up_port, logdir))
-        for server in started:
-            server.wait_ready()
-        url = f"redis://127.0.0.1:{r_port}/0"
-        env = _base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{started[1].origin}/v1",
-                             "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-                             "GATEWAY_LOG_LEVEL": "warning", "GATEWAY_REDIS_URL": url}
+        _, _, url, env = start_redis_and_upstream(logdir, started)
+        gw_port = _free_port()
         started.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
-                                          str(gw_port)], env, gw_port, logdir))
+                                          str(gw_port)], env | {"GATEWAY_REDIS_URL": url},
+                              gw_port, logdir))
         started[2].wait_ready()
         yield Stack(*started, url)
     finally:
