@@ -35,6 +35,7 @@ from gateway.errors import (
     RequestTimeout,
     RequestTooLarge,
     ServiceUnavailable,
+    UpstreamResponseTooLarge,
     UpstreamUnavailable,
 )
 from gateway.multipart import (
@@ -67,10 +68,14 @@ _ADMITTED = {"n": "1", "stream": "false"}
 
 class EventFramer:
     """Passes an SSE stream on in whole events, holding back an incomplete last one, so that an
-    error event written after an upstream failure never lands inside a half-sent event."""
+    error event written after an upstream failure never lands inside a half-sent event.
 
-    def __init__(self) -> None:
+    An event is held whole, so its size is bounded (`limit`): past it, UpstreamResponseTooLarge.
+    """
+
+    def __init__(self, limit: int) -> None:
         self._buf = bytearray()
+        self.limit = limit
 
     @property
     def pending(self) -> bytes:
@@ -85,10 +90,13 @@ class EventFramer:
         lf = self._buf.rfind(b"\n\n", start)
         crlf = self._buf.rfind(b"\r\n\r\n", start)
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
-        if not end:
-            return b""
-        out = bytes(self._buf[:end])
-        del self._buf[:end]
+        out = b""
+        if end:
+            out = bytes(self._buf[:end])
+            del self._buf[:end]
+        if len(self._buf) > self.limit:
+            raise UpstreamResponseTooLarge(
+                f"The upstream sent an event longer than {self.limit} bytes.")
         return out
 
 
@@ -792,6 +800,12 @@ class _Edit:
                                  code="upstream_error")
             error.status = response.status_code
             raise error
+        limit = self.settings.max_response_bytes
+        length = response.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            self.rec.upstream_error = "too_large"
+            raise UpstreamResponseTooLarge(
+                f"The upstream's answer ({length} bytes) is larger than {limit} bytes.")
         headers = self._common_headers(ticket)
         sse = False
         for key, value in response.headers.raw:
@@ -801,15 +815,20 @@ class _Edit:
                 sse = sse or (key == b"content-type" and value.startswith(b"text/event-stream"))
             elif key == b"x-request-id":
                 headers.append((b"x-upstream-request-id", value))
-        framer = EventFramer() if sse else None
+        framer = EventFramer(self.settings.max_event_bytes) if sse else None
         # Only a success is metered: an error answer carries no images and no usage.
         meter = UsageMeter(sse=sse) if response.status_code < 300 else None
         await send({"type": "http.response.start", "status": response.status_code,
                     "headers": headers})
         self.response_started = True
         self.rec.status = response.status_code
+        received = 0
         try:
             async for chunk in response.aiter_raw():
+                received += len(chunk)
+                if received > limit:
+                    raise UpstreamResponseTooLarge(
+                        f"The upstream's answer is larger than {limit} bytes.")
                 if framer is not None and not (chunk := framer.feed(chunk)):
                     continue
                 if meter is not None:
@@ -820,12 +839,16 @@ class _Edit:
                 if meter is not None:
                     meter.feed(rest)
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
-        except httpx.TransportError as exc:
+        except (httpx.TransportError, UpstreamResponseTooLarge) as exc:
+            if isinstance(exc, UpstreamResponseTooLarge):
+                self.rec.upstream_error = "too_large"
+                error: GatewayError = exc
+            else:
+                self.rec.upstream_error = transport_kind(exc)
+                error = transport_error(exc, self.spec.upstream if self.spec else "")
             if framer is None:
                 raise  # cut the JSON answer off: a broken response, never a wrong one
             # The half-received event is dropped, so the error event stands on its own.
-            self.rec.upstream_error = transport_kind(exc)
-            error = transport_error(exc, self.spec.upstream if self.spec else "")
             event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
             await send({"type": "http.response.body",
                         "body": _STREAM_ERROR % event.encode(), "more_body": True})

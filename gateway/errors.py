@@ -75,6 +75,13 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamResponseTooLarge(UpstreamUnavailable):
+    """The upstream's answer outgrew max_response_bytes (or one SSE event max_event_bytes): a
+    runaway upstream must not stream forever or fill the gateway's memory (502)."""
+
+    code = "upstream_response_too_large"
+
+
 class UpstreamTimeout(GatewayError):
     """The upstream stayed silent longer than the read timeout (504, retryable)."""
 

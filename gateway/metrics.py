@@ -53,7 +53,7 @@ TOKENS = Counter("gateway_tokens_total", "Tokens the upstream reported",
 REJECTIONS = Counter("gateway_rejections_total", "Requests the gateway refused itself",
                      ["reason"])
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures by kind "
-                          "(status, timeout, connect, reset)", ["model", "kind"])
+                          "(status, timeout, connect, reset, too_large)", ["model", "kind"])
 STORE_ERRORS = Counter("gateway_quota_store_errors_total", "Quota store calls that failed")
 STORE_UP = Gauge("gateway_quota_store_up", "1 when the quota store answered its last call",
                  multiprocess_mode="livemin")

@@ -132,6 +132,12 @@ class Settings(BaseSettings):
     max_part_header_bytes: int = Field(4096, ge=64)
     max_filename_chars: int = Field(1024, ge=1)
 
+    # Bounds on what an upstream sends back: an answer longer than max_response_bytes is cut
+    # off (a 502 before it starts, an error event or a cut connection after), and an SSE event
+    # is held back whole while framing (see edits.EventFramer), so one is at most max_event_bytes.
+    max_response_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+    max_event_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+
     # Load shedding and slow clients: past max_in_flight edits at once, new ones get a fast,
     # retryable 503; a client silent for body_read_timeout seconds mid-body gets a 408.
     max_in_flight: int = Field(256, ge=1)

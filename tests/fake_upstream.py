@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class Behaviour:
     cut_mid_event: bool = False  # SSE: drop the connection halfway through the second event
     headers: dict[str, str] = field(default_factory=dict)  # extra answer headers
     reset_after_bytes: int = 0  # drop the connection once this much body has arrived
+    huge_answer: int = 0  # answer with this many bytes: JSON, or SSE with one event this long
+    huge_content_length: bool = False  # ... announcing its length up front
     usage: dict[str, Any] = field(default_factory=lambda: {
         "input_tokens": 50, "output_tokens": 200, "total_tokens": 250,
         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}})
@@ -80,6 +83,7 @@ class FakeUpstream:
         self.behaviour = Behaviour()
         self._lock = threading.Lock()
         self._counter = 0
+        self.answer_bytes_sent = 0  # of the last huge answer
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="error",
@@ -175,6 +179,8 @@ class FakeUpstream:
                                 "param": None, "code": None}
             return JSONResponse({"error": error}, b.status, headers=headers)
         n = int(record.field("n") or 1)
+        if b.huge_answer:
+            return self._huge(record.field("stream") == "true", headers)
         if record.field("stream") == "true":
             return StreamingResponse(self._events(record, n), media_type="text/event-stream",
                                      headers=headers)
@@ -187,6 +193,35 @@ class FakeUpstream:
         if b.cut_json:
             return StreamingResponse(_cut(raw), media_type="application/json", headers=headers)
         return Response(raw, media_type="application/json", headers=headers)
+
+    def _huge(self, sse: bool, headers: dict[str, str]) -> Response:
+        """An answer of `huge_answer` bytes, made of one enormous image, sent 1 MB at a time."""
+        b = self.behaviour
+        if sse:
+            head = b'event: image_edit.partial_image\ndata: {"type": "image_edit.partial_image", ' \
+                b'"b64_json": "'
+            tail = b'"}\n\n'
+        else:
+            head, tail = b'{"created": 1, "data": [{"b64_json": "', b'"}]}'
+        self.answer_bytes_sent = 0
+
+        async def body() -> Any:
+            yield head
+            left = b.huge_answer - len(head) - len(tail)
+            while left > 0:
+                chunk = b"A" * min(left, 1 << 20)
+                left -= len(chunk)
+                self.answer_bytes_sent += len(chunk)
+                yield chunk
+                # uvicorn drops writes to a closed connection without a word: pausing lets
+                # Starlette notice the disconnect and stop, so answer_bytes_sent stays honest.
+                await asyncio.sleep(0.001)
+            yield tail
+
+        if b.huge_content_length:
+            headers = {**headers, "content-length": str(b.huge_answer)}
+        media = "text/event-stream" if sse else "application/json"
+        return StreamingResponse(body(), media_type=media, headers=headers)
 
     async def _events(self, record: Recorded, n: int) -> Any:
         b = self.behaviour
@@ -235,3 +270,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class ResettingUpstream:
+    """A raw TCP server that reads a request's head and `after` bytes of its body, then resets
+    the connection (SO_LINGER 0: an RST, not a FIN), as a crashing upstream or a middlebox
+    does. uvicorn cannot do this: it only ever closes politely."""
+
+    def __init__(self, after: int) -> None:
+        self.after = after
+        self.received: list[int] = []  # body bytes read on each connection before the reset
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            threading.Thread(target=self._reset, args=(conn,), daemon=True).start()
+
+    def _reset(self, conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return
+            data += chunk
+        body = len(data) - data.index(b"\r\n\r\n") - 4
+        while body < self.after and (chunk := conn.recv(65536)):
+            body += len(chunk)
+        self.received.append(body)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def stop(self) -> None:
+        self._sock.close()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -17,9 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pytest_redis import factories
 
+from gateway.keys import KeyRecord, Limits
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, ResettingUpstream
 from tests.helpers import make_key, multipart, open_files_in, raw_exchange
 from tests.images import png
 
@@ -215,11 +217,16 @@ def test_a_slow_redis_never_hangs_a_request(start_gateway: Callable[..., Gateway
     assert len(upstream.completed) == 2
 
 
-def _in_flight(gw: GatewayProcess) -> float:
+def _metric(gw: GatewayProcess, sample: str) -> float:
+    """The value of one sample, named with its labels as the exposition prints them."""
     for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
-        if line.startswith("gateway_in_flight_requests "):
+        if line.startswith(sample + " "):
             return float(line.split()[1])
-    raise AssertionError("no in-flight gauge")
+    raise AssertionError(f"no sample {sample}")
+
+
+def _in_flight(gw: GatewayProcess) -> float:
+    return _metric(gw, "gateway_in_flight_requests")
 
 
 def test_upstream_and_client_faults_leave_nothing_behind(
@@ -261,4 +268,96 @@ def test_upstream_and_client_faults_leave_nothing_behind(
     assert open_files_in(gw.proc.pid, spool) == []  # spool files are unnamed: look at fds
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert 'gateway_upstream_errors_total{kind="timeout",model="gpt-image-1"} 1.0' in metrics
+    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
+
+
+def _keyed(record: KeyRecord, upstream_url: str, **settings: object) -> str:
+    """A config with one in-process key (one slot, ten images a day) and a model, "broken",
+    served by the upstream at `upstream_url`."""
+    extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
+    return (extra + f'[keys.{record.id}]\nhash = "{record.hash}"\nmax_concurrent = 1\n'
+            f'images_per_day = 10\n[upstreams.broken]\nbase_url = "{upstream_url}"\n'
+            '[models."broken"]\nextends = "gpt-image-1"\nupstream = "broken"\n')
+
+
+def _usage(gw: GatewayProcess, secret: str) -> tuple[int, int]:
+    """The key's (requests in flight, images used today), as /v1/usage shows them."""
+    r = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
+    return r.json()["in_flight"], r.json()["limits"]["images"]["used"]
+
+
+@pytest.fixture
+def resetting() -> Iterator[ResettingUpstream]:
+    server = ResettingUpstream(after=1_000_000)
+    yield server
+    server.stop()
+
+
+def test_an_upstream_resetting_the_upload_frees_everything(
+        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream,
+        resetting: ResettingUpstream) -> None:
+    record, secret = KeyRecord.new("chaos", Limits(max_concurrent=1, images_per_day=10))
+    gw = start_gateway(config=_keyed(record, resetting.url))
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+    image = png(size=5_000_000)
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.images.edit(model="broken", image=image, prompt="x")
+    assert info.value.status_code == 502
+    assert info.value.response.json()["error"]["code"] == "upstream_unavailable"
+    # A real reset, part way through the upload: not a polite answer.
+    assert len(resetting.received) == 1 and 1_000_000 <= resetting.received[0] < len(image)
+    # The slot and the reservation are back: the key's one slot serves the next request,
+    # and only that request's image is charged.
+    assert _usage(gw, secret) == (0, 0)
+    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert _usage(gw, secret) == (0, 1)
+    assert _metric(gw, 'gateway_upstream_errors_total{kind="reset",model="broken"}') == 1
+    assert _in_flight(gw) == 0
+
+
+def test_an_oversized_upstream_answer_is_cut_off(
+        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream) -> None:
+    record, secret = KeyRecord.new("chaos", Limits(max_concurrent=1, images_per_day=10))
+    gw = start_gateway(config=_keyed(record, upstream.url, max_response_bytes=2_000_000,
+                                     max_event_bytes=1_000_000))
+    headers = {"authorization": f"Bearer {secret}"}
+    upstream.behaviour.huge_answer = 100_000_000
+
+    # Announced up front: refused before anything reaches the client.
+    upstream.behaviour.huge_content_length = True
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert info.value.status_code == 502
+    assert info.value.response.json()["error"]["code"] == "upstream_response_too_large"
+
+    # Found out on the way: the JSON answer is cut (a broken answer, never a wrong one) and
+    # the gateway stops reading the upstream.
+    upstream.behaviour.huge_content_length = False
+    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
+                             ("image", png(), "a.png")])
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(f"{gw.url}/v1/images/edits", content=body, timeout=10,
+                   headers={**headers, "content-type": ctype})
+    upstream.wait_for(lambda: upstream.answer_bytes_sent >= 2_000_000)
+    time.sleep(0.5)
+    sent = upstream.answer_bytes_sent
+    time.sleep(0.5)  # read on, it would be many MB further by now
+    assert upstream.answer_bytes_sent == sent < upstream.behaviour.huge_answer
+
+    # A stream: one event longer than max_event_bytes ends the stream with an error event.
+    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
+                             ("stream", "true", None), ("image", png(), "a.png")])
+    r = httpx.post(f"{gw.url}/v1/images/edits", content=body, timeout=10,
+                   headers={**headers, "content-type": ctype})
+    assert r.status_code == 200 and r.text.startswith("event: error\n")
+    error = json.loads(r.text.split("data: ", 1)[1])["error"]
+    assert error["code"] == "upstream_response_too_large" and len(r.content) < 2000
+
+    # Each released its slot (the key has one) and was charged as an answered request whose
+    # images could not be read: its reservation, one image (the upstream did the work).
+    assert _usage(gw, secret) == (0, 3)
+    assert _metric(gw, 'gateway_upstream_errors_total{kind="too_large",model="gpt-image-1"}') == 3
+    assert _in_flight(gw) == 0
+    upstream.behaviour.huge_answer = 0
     sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
