@@ -11,10 +11,13 @@ import signal
 import tempfile
 import threading
 from types import FrameType
+from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway import health
+from gateway import health, metrics
+from gateway.errors import GatewayError, InvalidRequest
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import Settings
 
@@ -76,7 +79,8 @@ def serve(settings: Settings) -> None:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http="gateway.server:BoundedHttpTools",
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # read by BoundedHttpTools
         log_level=settings.log_level,
         server_header=False,
         # uvicorn rewrites the client address and scheme from X-Forwarded-* only when the
@@ -86,6 +90,86 @@ def serve(settings: Settings) -> None:
         access_log=False,  # the gateway writes its own line per request
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
+class BoundedHttpTools(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the request head bounded, and its own 400s in OpenAI's
+    error shape.
+
+    httptools keeps a header line, and any number of header lines, until the head is complete,
+    and uvicorn sets no limit on that: a client could fill memory before any route sees the
+    request. h11 has the bound (h11_max_incomplete_event_size) but parses in Python; this keeps
+    httptools' speed and reads the bound from that same setting. The head is measured exactly
+    from the parser's callbacks; a head still unfinished after that many bytes read is refused
+    before the next read is parsed, so memory stays under the bound plus one read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_limit = self.config.h11_max_incomplete_event_size or 65536
+        self._head = 0  # bytes of the current head, as parsed
+        self._read: int | None = 0  # bytes read since the head began; None while in a body
+        self._refusal: GatewayError | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._read is not None:
+            if self._read > self._head_limit:
+                self._refusal = self._too_large()
+                self.send_400_response("")
+                return
+            self._read += len(data)
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self._head = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._read = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._read = 0  # the next request's head starts here
+        super().on_message_complete()
+
+    def _count(self, n: int) -> None:
+        self._head += n
+        if self._head > self._head_limit:
+            # Raised inside a parser callback: the parser stops, and uvicorn answers through
+            # send_400_response, which sends this refusal instead.
+            self._refusal = self._too_large()
+            raise self._refusal
+
+    def _too_large(self) -> GatewayError:
+        metrics.REJECTIONS.labels("too_large").inc()
+        return HeadersTooLarge(f"The request's headers are longer than {self._head_limit} bytes.")
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(self._refusal or InvalidRequest(msg, code="invalid_http_request"))
+
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer before any ASGI cycle exists, and close the connection."""
+        body = error.body()
+        head = [STATUS_LINE[error.status]]
+        head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
+        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n" % len(body))
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
 
 def _serve_metrics(host: str, port: int) -> None:

@@ -131,6 +131,7 @@ class Settings(BaseSettings):
     max_field_bytes: int = Field(256 * 1024, ge=1)
     max_part_header_bytes: int = Field(4096, ge=64)
     max_filename_chars: int = Field(1024, ge=1)
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # the HTTP request line and headers
 
     # Bounds on what an upstream sends back: an answer longer than max_response_bytes is cut
     # off (a 502 before it starts, an error event or a cut connection after), and an SSE event

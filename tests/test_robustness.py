@@ -361,3 +361,53 @@ def test_an_oversized_upstream_answer_is_cut_off(
     assert _in_flight(gw) == 0
     upstream.behaviour.huge_answer = 0
     sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_request_heads_are_bounded(start_gateway: Callable[..., GatewayProcess],
+                                   upstream: FakeUpstream) -> None:
+    gw = start_gateway(max_header_bytes=4096)
+    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
+                             ("image", png(), "a.png")])
+
+    def post(extra: bytes) -> bytes:
+        return raw_exchange(gw.port, _head(body, ctype).replace(b"Host: x\r\n", b"Host: x\r\n" + extra)
+                            + body)
+
+    # Just under the bound: served. Over it, in one line or in many: a 431 in OpenAI's shape,
+    # before any route (or the upstream) sees the request.
+    assert post(b"X-Pad: " + b"a" * 3500 + b"\r\n").startswith(b"HTTP/1.1 200")
+    for extra in (b"X-Pad: " + b"a" * 5000 + b"\r\n", b"".join(b"X-%d: v\r\n" % i for i in range(1000))):
+        answer = post(extra)
+        assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_header_fields_too_large"
+    assert len(upstream.completed) == 1
+
+    # The bound is per request: heads that add up past it on one connection are fine.
+    ping = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 3000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        for _ in range(3):
+            s.sendall(ping)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+
+    # A head that never ends: refused once past the bound, memory untouched.
+    before = _rss_kb(gw.proc.pid)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        with pytest.raises(OSError):  # reset or broken pipe: the gateway hung up
+            for _ in range(100):
+                s.sendall(b"a" * 1_000_000)
+    assert _rss_kb(gw.proc.pid) - before < 10_000
+
+    # Bytes that are not HTTP get an OpenAI-format 400 too (uvicorn's own is plain text).
+    answer = raw_exchange(gw.port, b"NOT HTTP AT ALL\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_http_request"
+    assert _metric(gw, 'gateway_rejections_total{reason="too_large"}') == 3
