@@ -94,7 +94,13 @@ ODD_PARTS = [
     ("image[]", png(4000, 4000), "big.png"), ("image", b"GIF89a....", "x.gif"),
     ("prompt", "again", None), ("n", "99", None), ("\xff\xfename", "v", None),
     ("image", b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, "broken.png"),
-    ("mask", png(4, 4), "m.png"), ("size", "1024X1024", None), ("stream", "true", None)]
+    ("mask", png(4, 4), "m.png"), ("size", "1024X1024", None), ("stream", "true", None),
+    # Absurd dimensions, and a decompression bomb within the side bound: the gateway reads
+    # headers only and never decodes, so neither costs it more than its bytes.
+    ("image", png(100_000, 100_000), "absurd.png"), ("image", png(16_000, 16_000), "bomb.png"),
+    ('x" ; name="y', "quoted", None), ("p" * 10_000, "a part header far over its bound", None)]
+# Thousands of parts, far past max_parts.
+MANY_PARTS = multipart([("prompt", "x", None), *[("f", "v", None)] * 3000])
 
 
 def _mutations() -> st.SearchStrategy[tuple[bytes, str]]:
@@ -122,6 +128,7 @@ def _mutations() -> st.SearchStrategy[tuple[bytes, str]]:
                  max_size=20).map(flip),
         st.tuples(st.integers(min_value=0), st.binary(max_size=300)).map(lambda a: insert(*a)),
         parts.map(multipart),
+        st.just(MANY_PARTS),
         st.binary(max_size=2000).map(lambda b: (b, ctype)),
         st.tuples(st.binary(max_size=500), st.sampled_from([
             "multipart/form-data", "multipart/form-data; boundary=", "text/plain",
@@ -131,7 +138,12 @@ def _mutations() -> st.SearchStrategy[tuple[bytes, str]]:
 
 @pytest.fixture(scope="module")
 def fuzz_gateway(start_gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
-    return start_gateway(body_read_timeout=2)
+    gw = start_gateway(body_read_timeout=2)
+    FUZZ_RSS.append(_rss_kb(gw.proc.pid))
+    return gw
+
+
+FUZZ_RSS: list[int] = []  # the fuzzed gateway's resident memory at its start, in KiB
 
 
 @settings(max_examples=250, deadline=None,
@@ -147,6 +159,12 @@ def test_mangled_bodies_get_openai_errors_never_5xx(fuzz_gateway: GatewayProcess
     if r.status_code >= 400:
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_fuzzing_left_memory_flat(fuzz_gateway: GatewayProcess) -> None:
+    """Runs after the fuzz above (file order): hundreds of hostile bodies, 1 MiB spools and
+    3000-part requests among them, leave the gateway's memory where it started."""
+    assert _rss_kb(fuzz_gateway.proc.pid) - FUZZ_RSS[0] < 30_000
 
 
 slow_redis = factories.redis_proc(port=None)
