@@ -150,7 +150,7 @@ class QuotaTicket(Ticket):
             self._renewal.cancel()
         answered = outcome.answered and outcome.status is not None and outcome.status < 300
         # The answer's own count when the gateway could read one, else what was reserved.
-        images = (outcome.images or self.n) if answered else 0
+        images = (self.n if outcome.images is None else outcome.images) if answered else 0
         tokens = outcome.usage.get("total_tokens", 0) if answered else 0
         try:
             await self.admission.store.settle(self.key_id, self.lease, answered=answered,

@@ -823,6 +823,7 @@ class _Edit:
         self.response_started = True
         self.rec.status = response.status_code
         received = 0
+        broken = False  # the upstream broke the answer off
         try:
             async for chunk in response.aiter_raw():
                 received += len(chunk)
@@ -840,6 +841,7 @@ class _Edit:
                     meter.feed(rest)
                 await send({"type": "http.response.body", "body": rest, "more_body": True})
         except (httpx.TransportError, UpstreamResponseTooLarge) as exc:
+            broken = True
             if isinstance(exc, UpstreamResponseTooLarge):
                 self.rec.upstream_error = "too_large"
                 error: GatewayError = exc
@@ -854,7 +856,11 @@ class _Edit:
                         "body": _STREAM_ERROR % event.encode(), "more_body": True})
         if meter is not None:
             meter.close()
-            outcome.images, outcome.usage = meter.images, meter.usage
+            # A whole answer with no image found in it is one the meter could not read (a
+            # provider's own format): None, and the reservation is charged. A stream broken off
+            # counts what it delivered: the final images sent before the error event.
+            outcome.images = meter.images if meter.images or broken else None
+            outcome.usage = meter.usage
         self.response_done = True  # from here a disconnect is the normal end, not a cancel
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self.rec.end = time.perf_counter()

@@ -8,12 +8,15 @@ import os
 import socket
 from pathlib import Path
 
+import httpx
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import KeyRecord, Limits
 from gateway.quota.redis_store import RedisStore
 from tests.images import png
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text
 
 
@@ -87,3 +90,16 @@ def raw_exchange(port: int, data: bytes, *, timeout: float = 10) -> bytes:
                 break
             answer += chunk
     return answer
+
+
+def scrape(url: str) -> Samples:
+    """Every sample of a /metrics page, parsed by prometheus-client's own parser."""
+    text = httpx.get(url).text
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over every series of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)

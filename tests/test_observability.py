@@ -15,26 +15,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import KeyRecord, Limits
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream, _free_port
+from tests.helpers import scrape, value
 from tests.images import png
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(url: str) -> Samples:
-    text = httpx.get(url).text
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sum over every series of `name` whose labels include `labels`."""
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
 
 
 def keyed_gateway(start_gateway: Callable[..., GatewayProcess], **settings: object

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -21,8 +23,8 @@ from pytest_redis import factories
 from gateway.keys import KeyRecord, Limits
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
-from tests.fake_upstream import FakeUpstream, ResettingUpstream
-from tests.helpers import make_key, multipart, open_files_in, raw_exchange
+from tests.fake_upstream import FakeUpstream, ResettingUpstream, _free_port
+from tests.helpers import make_key, multipart, open_files_in, raw_exchange, scrape, value
 from tests.images import png
 
 
@@ -81,8 +83,7 @@ def test_load_beyond_capacity_is_shed_fast(start_gateway: Callable[..., GatewayP
     upstream.behaviour.delay_headers = 0
     assert httpx.post(f"{gw.url}/v1/images/edits", content=body,
                       headers={"content-type": ctype}).status_code == 200
-    metrics = httpx.get(f"{gw.url}/metrics").text
-    assert 'gateway_rejections_total{reason="overloaded"} 1.0' in metrics
+    assert value(scrape(f"{gw.url}/metrics"), "gateway_rejections_total", reason="overloaded") == 1
     assert len(upstream.completed) == 2
 
 
@@ -113,8 +114,8 @@ def _mutations() -> st.SearchStrategy[tuple[bytes, str]]:
 
     def flip(points: list[tuple[int, int]]) -> tuple[bytes, str]:
         body = bytearray(base)
-        for at, value in points:
-            body[at % len(body)] = value
+        for at, byte in points:
+            body[at % len(body)] = byte
         return bytes(body), ctype
 
     def insert(at: int, junk: bytes) -> tuple[bytes, str]:
@@ -235,43 +236,16 @@ def test_a_slow_redis_never_hangs_a_request(start_gateway: Callable[..., Gateway
     assert len(upstream.completed) == 2
 
 
-def _metric(gw: GatewayProcess, sample: str) -> float:
-    """The value of one sample, named with its labels as the exposition prints them."""
-    for line in httpx.get(f"{gw.url}/metrics").text.splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no sample {sample}")
-
-
 def _in_flight(gw: GatewayProcess) -> float:
-    return _metric(gw, "gateway_in_flight_requests")
+    return value(scrape(f"{gw.url}/metrics"), "gateway_in_flight_requests")
 
 
-def test_upstream_and_client_faults_leave_nothing_behind(
-        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream,
-        tmp_path: Path) -> None:
+def test_clients_leaving_leave_nothing_behind(start_gateway: Callable[..., GatewayProcess],
+                                              upstream: FakeUpstream, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    gw = start_gateway(upstream_read_timeout=0.5, spool_dir=spool, spool_memory_bytes=1)
-    sdk = gw.client()
-
-    # The upstream drops the upload half way: a 5xx in OpenAI's format, nothing completed.
-    upstream.behaviour.reset_after_bytes = 1_000_000
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk.images.edit(model="gpt-image-1", image=png(size=3_000_000), prompt="x")
-    assert info.value.status_code >= 500 and info.value.response.json()["error"]["message"]
-    assert upstream.completed == []
-
-    # The upstream stalls in the middle of a stream: the stream ends with an error event.
-    upstream.reset()
-    upstream.behaviour.event_delay = 2
-    with pytest.raises(openai.APIError):
-        for _ in sdk.images.edit(model="gpt-image-1", image=png(), prompt="x", stream=True,
-                                 partial_images=2):
-            pass
-
+    gw = start_gateway(spool_dir=spool, spool_memory_bytes=1)
     # A client that goes away before sending any body, and one mid-upload with files spooled.
-    upstream.reset()
     body, ctype = multipart([("image", png(size=2_000_000), "a.png"), ("prompt", "x", None)])
     for sent in (0, 1_000_000):
         with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
@@ -284,18 +258,65 @@ def test_upstream_and_client_faults_leave_nothing_behind(
         assert time.monotonic() < deadline, "a request is still counted in flight"
         time.sleep(0.05)
     assert open_files_in(gw.proc.pid, spool) == []  # spool files are unnamed: look at fds
-    metrics = httpx.get(f"{gw.url}/metrics").text
-    assert 'gateway_upstream_errors_total{kind="timeout",model="gpt-image-1"} 1.0' in metrics
-    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
+    assert value(scrape(f"{gw.url}/metrics"), "gateway_requests_total", status="499") == 2
+    gw.client().images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
 
 
-def _keyed(record: KeyRecord, upstream_url: str, **settings: object) -> str:
-    """A config with one in-process key (one slot, ten images a day) and a model, "broken",
-    served by the upstream at `upstream_url`."""
-    extra = "".join(f"{k} = {v}\n" for k, v in settings.items())
-    return (extra + f'[keys.{record.id}]\nhash = "{record.hash}"\nmax_concurrent = 1\n'
-            f'images_per_day = 10\n[upstreams.broken]\nbase_url = "{upstream_url}"\n'
-            '[models."broken"]\nextends = "gpt-image-1"\nupstream = "broken"\n')
+@dataclass(frozen=True)
+class Fault:
+    """One way an upstream fails, and what the client, the key's quota and the metrics see."""
+
+    behaviour: dict[str, object]  # FakeUpstream.behaviour settings
+    status: int | None  # the client's status; None: a JSON answer cut off (a broken response)
+    code: str | None  # the error's code, in the body or in the stream's error event
+    kind: str | None  # gateway_upstream_errors_total{kind}; None: not the upstream's failure
+    charged: int  # images charged to the key
+    model: str = "gpt-image-1"
+    fields: tuple[tuple[str, str], ...] = ()
+    image_size: int = 0
+
+
+FAULTS = {
+    "5xx": Fault({"status": 500}, 500, None, "status", 0),
+    "429": Fault({"status": 429, "error": {"message": "Slow down.", "type": "requests",
+                                           "param": None, "code": "rate_limit_exceeded"}},
+                 429, "rate_limit_exceeded", None, 0),
+    "connection-refused": Fault({}, 502, "upstream_unavailable", "connect", 0, model="refused"),
+    # A real TCP reset (see ResettingUpstream) while the upload is still flowing.
+    "reset-mid-upload": Fault({}, 502, "upstream_unavailable", "reset", 0, model="resets",
+                              image_size=5_000_000),
+    "stall-before-headers": Fault({"delay_headers": 3}, 504, "upstream_timeout", "timeout", 0),
+    # Streams that break off count the final images they delivered: none, then one of two.
+    "stall-mid-stream": Fault({"event_delay": 3}, 200, "upstream_timeout", "timeout", 0,
+                              fields=(("stream", "true"), ("partial_images", "2"))),
+    "cut-mid-stream": Fault({"cut_after_events": 1}, 200, "upstream_unavailable", "reset", 1,
+                            fields=(("stream", "true"), ("n", "2"))),
+    # An answer the gateway could not read to its end: the reservation (the upstream worked).
+    "cut-json": Fault({"cut_json": True}, None, None, "reset", 1),
+    "huge-announced": Fault({"huge_answer": 5_000_000, "huge_content_length": True}, 502,
+                            "upstream_response_too_large", "too_large", 1),
+    "huge-event": Fault({"huge_answer": 5_000_000}, 200, "upstream_response_too_large",
+                        "too_large", 0, fields=(("stream", "true"),)),
+}
+
+
+@pytest.fixture(scope="module")
+def fault_gateway(start_gateway: Callable[..., GatewayProcess]
+                  ) -> Iterator[tuple[GatewayProcess, str, ResettingUpstream]]:
+    """A gateway with one key (one request at a time, so a leaked slot shows at once) and two
+    broken upstreams: one that resets uploads, one where nothing listens."""
+    resetting = ResettingUpstream(after=1_000_000)
+    record, secret = KeyRecord.new("chaos", Limits(max_concurrent=1, images_per_day=1000))
+    config = (f"upstream_read_timeout = 1\nmax_response_bytes = 2000000\n"
+              f"max_event_bytes = 1000000\n"
+              f'[keys.{record.id}]\nhash = "{record.hash}"\nmax_concurrent = 1\n'
+              "images_per_day = 1000\n"
+              f'[upstreams.resets]\nbase_url = "{resetting.url}"\n'
+              f'[upstreams.refused]\nbase_url = "http://127.0.0.1:{_free_port()}/v1"\n'
+              '[models."resets"]\nextends = "gpt-image-1"\nupstream = "resets"\n'
+              '[models."refused"]\nextends = "gpt-image-1"\nupstream = "refused"\n')
+    yield start_gateway(config=config), secret, resetting
+    resetting.stop()
 
 
 def _usage(gw: GatewayProcess, secret: str) -> tuple[int, int]:
@@ -304,81 +325,71 @@ def _usage(gw: GatewayProcess, secret: str) -> tuple[int, int]:
     return r.json()["in_flight"], r.json()["limits"]["images"]["used"]
 
 
-@pytest.fixture
-def resetting() -> Iterator[ResettingUpstream]:
-    server = ResettingUpstream(after=1_000_000)
-    yield server
-    server.stop()
+@pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
+def test_upstream_faults_answer_release_and_count(
+        fault_gateway: tuple[GatewayProcess, str, ResettingUpstream], upstream: FakeUpstream,
+        fault: Fault) -> None:
+    gw, secret, resetting = fault_gateway
+    for name, setting in fault.behaviour.items():
+        setattr(upstream.behaviour, name, setting)
+    _, used_before = _usage(gw, secret)
+    before = scrape(f"{gw.url}/metrics")
+    body, ctype = multipart([("model", fault.model, None), ("prompt", "x", None),
+                             *((k, v, None) for k, v in fault.fields),
+                             ("image", png(size=fault.image_size), "a.png")])
+    post = functools.partial(httpx.post, f"{gw.url}/v1/images/edits", content=body, timeout=10,
+                             headers={"authorization": f"Bearer {secret}", "content-type": ctype})
+    if fault.status is None:
+        with pytest.raises(httpx.RemoteProtocolError):  # cut off: never a wrong answer
+            post()
+    else:
+        r = post()
+        assert r.status_code == fault.status, r.text[:300]
+        if r.headers["content-type"].startswith("text/event-stream"):
+            assert r.text.endswith("\n\n") and "event: error\n" in r.text
+            error = json.loads(r.text.rsplit("data: ", 1)[1])["error"]
+        else:
+            error = r.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        assert error["code"] == fault.code
+    if fault.model == "resets":
+        assert len(resetting.received) == 1 and 1_000_000 <= resetting.received[0] < len(body)
 
+    # The slot and the reservation are settled: nothing in flight, exactly `charged` images.
+    deadline = time.monotonic() + 5
+    while _usage(gw, secret) != (0, used_before + fault.charged):
+        assert time.monotonic() < deadline, (_usage(gw, secret), used_before, fault.charged)
+        time.sleep(0.05)
+    after = scrape(f"{gw.url}/metrics")
 
-def test_an_upstream_resetting_the_upload_frees_everything(
-        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream,
-        resetting: ResettingUpstream) -> None:
-    record, secret = KeyRecord.new("chaos", Limits(max_concurrent=1, images_per_day=10))
-    gw = start_gateway(config=_keyed(record, resetting.url))
+    def grew(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("gateway_requests_total", model=fault.model) == 1
+    assert grew("gateway_upstream_errors_total", model=fault.model) == (1 if fault.kind else 0)
+    if fault.kind:
+        assert grew("gateway_upstream_errors_total", model=fault.model, kind=fault.kind) == 1
+    assert value(after, "gateway_in_flight_requests") == 0
+    upstream.reset()  # the key's one slot serves the next request
     sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
-    image = png(size=5_000_000)
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk.images.edit(model="broken", image=image, prompt="x")
-    assert info.value.status_code == 502
-    assert info.value.response.json()["error"]["code"] == "upstream_unavailable"
-    # A real reset, part way through the upload: not a polite answer.
-    assert len(resetting.received) == 1 and 1_000_000 <= resetting.received[0] < len(image)
-    # The slot and the reservation are back: the key's one slot serves the next request,
-    # and only that request's image is charged.
-    assert _usage(gw, secret) == (0, 0)
-    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")
-    assert _usage(gw, secret) == (0, 1)
-    assert _metric(gw, 'gateway_upstream_errors_total{kind="reset",model="broken"}') == 1
-    assert _in_flight(gw) == 0
+    assert sdk.images.edit(model="gpt-image-1", image=png(), prompt="x").data
 
 
-def test_an_oversized_upstream_answer_is_cut_off(
+def test_a_runaway_answer_is_not_read_on(
         start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream) -> None:
-    record, secret = KeyRecord.new("chaos", Limits(max_concurrent=1, images_per_day=10))
-    gw = start_gateway(config=_keyed(record, upstream.url, max_response_bytes=2_000_000,
-                                     max_event_bytes=1_000_000))
-    headers = {"authorization": f"Bearer {secret}"}
+    """Past max_response_bytes the gateway hangs up on the upstream instead of reading on."""
+    gw = start_gateway(max_response_bytes=2_000_000)
     upstream.behaviour.huge_answer = 100_000_000
-
-    # Announced up front: refused before anything reaches the client.
-    upstream.behaviour.huge_content_length = True
-    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
-    with pytest.raises(openai.APIStatusError) as info:
-        sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")
-    assert info.value.status_code == 502
-    assert info.value.response.json()["error"]["code"] == "upstream_response_too_large"
-
-    # Found out on the way: the JSON answer is cut (a broken answer, never a wrong one) and
-    # the gateway stops reading the upstream.
-    upstream.behaviour.huge_content_length = False
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
                              ("image", png(), "a.png")])
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.post(f"{gw.url}/v1/images/edits", content=body, timeout=10,
-                   headers={**headers, "content-type": ctype})
+                   headers={"content-type": ctype})
     upstream.wait_for(lambda: upstream.answer_bytes_sent >= 2_000_000)
     time.sleep(0.5)
     sent = upstream.answer_bytes_sent
     time.sleep(0.5)  # read on, it would be many MB further by now
     assert upstream.answer_bytes_sent == sent < upstream.behaviour.huge_answer
-
-    # A stream: one event longer than max_event_bytes ends the stream with an error event.
-    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
-                             ("stream", "true", None), ("image", png(), "a.png")])
-    r = httpx.post(f"{gw.url}/v1/images/edits", content=body, timeout=10,
-                   headers={**headers, "content-type": ctype})
-    assert r.status_code == 200 and r.text.startswith("event: error\n")
-    error = json.loads(r.text.split("data: ", 1)[1])["error"]
-    assert error["code"] == "upstream_response_too_large" and len(r.content) < 2000
-
-    # Each released its slot (the key has one) and was charged as an answered request whose
-    # images could not be read: its reservation, one image (the upstream did the work).
-    assert _usage(gw, secret) == (0, 3)
-    assert _metric(gw, 'gateway_upstream_errors_total{kind="too_large",model="gpt-image-1"}') == 3
-    assert _in_flight(gw) == 0
-    upstream.behaviour.huge_answer = 0
-    sdk.images.edit(model="gpt-image-1", image=png(), prompt="x")  # still serving
 
 
 def _rss_kb(pid: int) -> int:
@@ -413,7 +424,12 @@ def test_request_heads_are_bounded(start_gateway: Callable[..., GatewayProcess],
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
         for _ in range(3):
             s.sendall(ping)
-            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+            answer = b""
+            while not answer.endswith(b'"ok"}'):
+                chunk = s.recv(65536)
+                assert chunk, answer  # closed: the second request was refused
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
 
     # A head that never ends: refused once past the bound, memory untouched.
     before = _rss_kb(gw.proc.pid)
@@ -428,4 +444,4 @@ def test_request_heads_are_bounded(start_gateway: Callable[..., GatewayProcess],
     answer = raw_exchange(gw.port, b"NOT HTTP AT ALL\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 400")
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "invalid_http_request"
-    assert _metric(gw, 'gateway_rejections_total{reason="too_large"}') == 3
+    assert value(scrape(f"{gw.url}/metrics"), "gateway_rejections_total", reason="too_large") == 3

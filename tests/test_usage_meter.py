@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.edits import EventFramer
+from gateway.errors import UpstreamResponseTooLarge
 from gateway.usage import UsageMeter
 
 ANSWER = json.dumps({
@@ -49,10 +51,18 @@ def test_tiny_chunks_still_count_every_image() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=10**6), max_size=60))
 def test_streams_count_completed_events_only(points: list[int]) -> None:
-    framer, meter, relayed = EventFramer(), UsageMeter(sse=True), b""
+    framer, meter, relayed = EventFramer(len(EVENTS)), UsageMeter(sse=True), b""
     for chunk in cut(EVENTS, points):
         if whole := framer.feed(chunk):
             meter.feed(whole)
             relayed += whole
     assert relayed == EVENTS and framer.pending == b""
     assert meter.images == 2 and meter.usage == {"total_tokens": 250}
+
+
+def test_an_event_longer_than_the_limit_is_refused() -> None:
+    framer = EventFramer(limit=100)
+    assert framer.feed(b"data: " + b"a" * 150 + b"\n\n")  # whole events pass, however long
+    assert framer.feed(b"data: " + b"a" * 90) == b""
+    with pytest.raises(UpstreamResponseTooLarge):
+        framer.feed(b"a" * 20)
