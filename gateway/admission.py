@@ -156,19 +156,43 @@ class QuotaTicket(Ticket):
             await self.admission.store.settle(self.key_id, self.lease, answered=answered,
                                               images=images, tokens=tokens)
         except StoreUnavailable as exc:
-            # The lease expires by itself and gives the reservation back.
-            log.warning("key %s: settling a lease failed (%s); it will expire", self.key_id, exc)
+            if not answered:
+                # Nothing to count: the lease expires by itself and gives the reservation back.
+                log.warning("key %s: releasing a lease failed (%s); it will expire",
+                            self.key_id, exc)
+                return
+            # The upstream was paid for this answer: keep trying (settling is idempotent, so
+            # a first attempt that did run is never counted twice).
+            log.warning("key %s: settling a lease failed (%s); retrying", self.key_id, exc)
+            _background(self._settle_later(images, tokens))
+
+    async def _settle_later(self, images: int, tokens: int) -> None:
+        deadline = time.monotonic() + self.admission.settle_retry_seconds
+        delay = 0.25
+        while time.monotonic() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            try:
+                await self.admission.store.settle(self.key_id, self.lease, answered=True,
+                                                  images=images, tokens=tokens)
+            except StoreUnavailable:
+                continue
+            log.info("key %s: lease settled late", self.key_id)
+            return
+        log.error("key %s: a settle was given up after %gs; its usage (%d images, %d tokens) "
+                  "is lost", self.key_id, self.admission.settle_retry_seconds, images, tokens)
 
 
 class QuotaAdmission(Admission):
     """Per-key limits through a QuotaStore; key records cached for at most `cache_seconds`."""
 
     def __init__(self, store: QuotaStore, *, fail_open: bool, cache_seconds: float,
-                 lease_ttl_seconds: float) -> None:
+                 lease_ttl_seconds: float, settle_retry_seconds: float = 600) -> None:
         self.store = store
         self.fail_open = fail_open
         self.cache_seconds = cache_seconds
         self.renew_every = lease_ttl_seconds / 3
+        self.settle_retry_seconds = settle_retry_seconds
         self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
         metrics.store_result(True)  # presumed up until a call says otherwise
 

@@ -174,7 +174,8 @@ def _admission(settings: Settings) -> Admission:
         return Admission()
     return QuotaAdmission(store, fail_open=settings.redis_failure == "open",
                           cache_seconds=settings.key_cache_seconds,
-                          lease_ttl_seconds=settings.lease_ttl_seconds)
+                          lease_ttl_seconds=settings.lease_ttl_seconds,
+                          settle_retry_seconds=settings.settle_retry_seconds)
 
 
 def _model(spec: ModelSpec) -> dict[str, object]:

@@ -117,6 +117,10 @@ class Settings(BaseSettings):
     # instance's reservations and concurrency slots linger.
     lease_ttl_seconds: float = Field(60.0, ge=3)
     rpm_burst_seconds: float = Field(10.0, gt=0)  # requests/minute may burst this many seconds
+    # An answered request whose settle fails (Redis away) is retried this long, so usage served
+    # through an outage is still counted; settles are idempotent (quota.lua keeps expired leases
+    # a day, hence the cap).
+    settle_retry_seconds: float = Field(600.0, ge=0, le=3600)
 
     # Catalog: the shipped one, replaced by `catalog_file` and amended by `[models.NAME]` tables.
     catalog_file: Path | None = None

@@ -90,3 +90,21 @@ def single(workdir: Path, *extra: str) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         _start(stack, port, workdir, *extra)
         yield f"redis://127.0.0.1:{port}/0"
+
+
+class Restartable:
+    """One redis-server that a test can kill and start again on the same port with its data
+    kept (append-only file, fsync on every write), as a production Redis with AOF restarts."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = _free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._stack = contextlib.ExitStack()
+
+    def start(self) -> None:
+        _start(self._stack, self.port, self.workdir, "--appendonly", "yes",
+               "--appendfsync", "always")
+
+    def kill(self) -> None:
+        self._stack.close()  # SIGKILL: nothing flushed on the way out

@@ -166,6 +166,25 @@ async def test_unsettled_leases_expire_and_heal(make_store: MakeStore) -> None:
     assert usage is not None and usage.windows["images"].used == 6 and usage.in_flight == 1
 
 
+async def test_a_settle_retried_counts_once(make_store: MakeStore) -> None:
+    """A settle whose reply was lost is retried: the store must count it exactly once, whether
+    the lease was still held, had expired meanwhile, or never existed."""
+    store = make_store(lease_ttl_ms=300)
+    record, _ = await new_key(store, images_per_day=100)
+    assert (await store.admit(record.hash, "m", 2, "held")).status == OK
+    for _ in range(3):
+        await store.settle(record.id, "held", answered=True, images=2, tokens=100)
+    assert (await store.admit(record.hash, "m", 4, "late")).status == OK
+    await asyncio.sleep(0.4)
+    await store.usage(record.id)  # the expired lease is swept: its 4 images given back
+    for _ in range(3):
+        await store.settle(record.id, "late", answered=True, images=3, tokens=10)
+    await store.settle(record.id, "never-admitted", answered=True, images=5, tokens=5)
+    usage = await store.usage(record.id)
+    assert usage is not None and usage.in_flight == 0
+    assert (usage.windows["images"].used, usage.windows["tokens"].used) == (5, 110)
+
+
 async def test_burst_rounds_half_up(make_store: MakeStore) -> None:
     store = make_store(rpm_burst_seconds=10.0)
     record, _ = await new_key(store, rpm=15)  # 2.5 requests' worth of burst: 3, in both stores

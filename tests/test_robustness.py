@@ -236,6 +236,59 @@ def test_a_slow_redis_never_hangs_a_request(start_gateway: Callable[..., Gateway
     assert len(upstream.completed) == 2
 
 
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[redis_nodes.Restartable]:
+    server = redis_nodes.Restartable(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_redis_killed_under_traffic_loses_and_doubles_nothing(
+        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream,
+        restartable_redis: redis_nodes.Restartable) -> None:
+    """Redis dies while requests are in flight and comes back: requests meanwhile are refused
+    fast (fail closed), and once it is back every image served is counted exactly once (the
+    settles that failed in the outage are retried; settling is idempotent)."""
+    store = restartable_redis
+    _, secret = make_key(store.url, images_per_day=100_000)
+    gw = start_gateway(redis_url=store.url, redis_timeout=0.2, lease_ttl_seconds=3)
+    upstream.behaviour.delay_headers = 0.2  # so requests are in flight when Redis goes
+    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
+                             ("image", png(), "a.png")])
+    results: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def traffic() -> None:
+        with httpx.Client(timeout=10) as http:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                r = http.post(f"{gw.url}/v1/images/edits", content=body, headers={
+                    "authorization": f"Bearer {secret}", "content-type": ctype})
+                results.append((r.status_code, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=traffic) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1)
+    store.kill()
+    time.sleep(1.5)
+    store.start()
+    time.sleep(1.5)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    statuses = {status for status, _ in results}
+    served = sum(1 for status, _ in results if status == 200)
+    assert statuses == {200, 503} and served == len(upstream.completed)
+    assert max(seconds for _, seconds in results) < 2  # nobody waited on the dead Redis
+    deadline = time.monotonic() + 15
+    while (used := _usage(gw, secret)) != (0, served):
+        assert time.monotonic() < deadline, (used, served)
+        time.sleep(0.2)
+
+
 def _in_flight(gw: GatewayProcess) -> float:
     return value(scrape(f"{gw.url}/metrics"), "gateway_in_flight_requests")
 

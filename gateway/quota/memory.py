@@ -38,6 +38,9 @@ def periods(now_ms: int) -> tuple[int, int, int, int]:
             int(next_month.timestamp() * 1000) - now_ms)
 
 
+_EXPIRED_KEEP_MS = 86_400_000  # as quota.lua's expired_keep_ms
+
+
 @dataclass
 class _Counters:
     tat: int = 0
@@ -46,6 +49,7 @@ class _Counters:
     month: int = -1
     tokens: int = 0
     leases: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # lease: expiry, day, n
+    expired: dict[str, int] = field(default_factory=dict)  # lease: when it expired
 
 
 class MemoryStore(QuotaStore):
@@ -90,11 +94,18 @@ class MemoryStore(QuotaStore):
             c.day, c.images = day, 0
         if c.month != month:
             c.month, c.tokens = month, 0
+        swept = False
         for lease, (expiry, lease_day, n) in list(c.leases.items()):
             if expiry <= now:  # never settled: the instance died or lost Redis
                 del c.leases[lease]
                 if lease_day == day:
                     c.images -= n
+                c.expired[lease] = now
+                swept = True
+        if swept:
+            for lease, when in list(c.expired.items()):
+                if when < now - _EXPIRED_KEEP_MS:
+                    del c.expired[lease]
         return c
 
     def _snapshot(self, record: KeyRecord | None, c: _Counters, now: int) -> Snapshot:
@@ -150,8 +161,9 @@ class MemoryStore(QuotaStore):
         today = held is None or held[1] == c.day
         if held is not None and today:
             c.images -= held[2]
-        if answered:
-            if today:  # a reservation from an earlier day was charged to that day
+        expired = c.expired.pop(lease, None) is not None
+        if answered and (held is not None or expired):  # else settled already: a retry
+            if expired or today:  # a reservation from an earlier day was charged to that day
                 c.images += images
             c.tokens += tokens
 

@@ -3,7 +3,7 @@
 -- tests/test_quota_store.py hold the two to the same behaviour.
 -- KEYS (all share the key's hash tag, so one cluster slot):
 --   1 record (hash), 2 usage (hash: tat day img month tok), 3 leases (zset lease -> expiry ms),
---   4 reservations (hash lease -> "day:n")
+--   4 reservations (hash lease -> "day:n"), 5 expired leases (zset lease -> when it expired)
 -- ARGV[1] = 'admit': 2 key hash, 3 model, 4 n, 5 lease id, 6 lease ttl ms, 7 rpm burst seconds
 -- ARGV[1] = 'settle': 2 lease id, 3 answered (1/0), 4 images to count, 5 tokens to count
 -- ARGV[1] = 'renew': 2 lease id, 3 lease ttl ms
@@ -43,6 +43,9 @@ local y, m = civil_from_days(day)
 local month = y * 12 + m - 1
 -- Reservations must outlive a quiet key until its day's counter is gone with the day.
 local keep_ms = 2 * 86400000
+-- How long an expired lease is remembered: far longer than a settle is retried (see
+-- admission.QuotaTicket), so a late settle still finds out whether to count its answer.
+local expired_keep_ms = 86400000
 
 if ARGV[1] == 'renew' then
   local renewed = redis.call('ZADD', KEYS[3], 'XX', 'CH', now + tonumber(ARGV[3]), ARGV[2])
@@ -77,23 +80,32 @@ end
 if ARGV[1] == 'settle' then
   local found, held, today = release(ARGV[2])
   img = img - held
-  if ARGV[3] == '1' then
+  local expired = redis.call('ZREM', KEYS[5], ARGV[2]) == 1
+  -- A lease found nowhere was settled already: this is a retry whose first reply was lost,
+  -- and counting it again would double-charge. Settling is idempotent.
+  if ARGV[3] == '1' and (found or expired) then
     -- Count the answer's images today, unless its reservation was charged to an earlier day;
     -- a lease that expired meanwhile gave its images back, so they are counted again here.
-    if not found or today then img = img + tonumber(ARGV[4]) end
+    if expired or today then img = img + tonumber(ARGV[4]) end
     tok = tok + tonumber(ARGV[5])
   end
   save()
   return 1
 end
 
--- Leases never settled (an instance died, a reply was lost) give their reservation back.
+-- Leases never settled (an instance died, a reply was lost) give their reservation back, and
+-- are remembered as expired for a settle that comes late.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
 for _, lease in ipairs(expired) do
   local _, held = release(lease)
   img = img - held
+  redis.call('ZADD', KEYS[5], now, lease)
 end
-if #expired > 0 then save() end
+if #expired > 0 then
+  save()
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - expired_keep_ms)
+  redis.call('PEXPIRE', KEYS[5], expired_keep_ms)
+end
 
 local rec = redis.call('HMGET', KEYS[1], 'hash', 'status', 'models', 'rpm', 'images_per_day',
   'tokens_per_month', 'max_concurrent')

@@ -26,7 +26,8 @@ _ALL_KEYS = "gw:keys"  # ids of every key, for listing
 
 def _keys(key_id: str) -> list[str]:
     tag = "{" + key_id + "}"  # one hash tag: one cluster slot for the script
-    return [f"gw:{tag}:key", f"gw:{tag}:use", f"gw:{tag}:lease", f"gw:{tag}:resv"]
+    return [f"gw:{tag}:key", f"gw:{tag}:use", f"gw:{tag}:lease", f"gw:{tag}:resv",
+            f"gw:{tag}:expired"]
 
 
 def _fields(record: KeyRecord) -> dict[str, str | int]:
