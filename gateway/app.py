@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from gateway import __version__, health, logs, metrics, server
+from gateway import __version__, health, logs, metrics, openapi, server
 from gateway.admin import admin_router
 from gateway.admission import Admission, KeyPrincipal, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
@@ -163,6 +163,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    openapi.install(app, keys=store is not None)
     return Gateway(app, edits)
 
 
@@ -196,8 +197,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         return _error_response(NotFound(f"Unknown path: {request.method} {request.url.path}."))
-    if exc.status_code == 405:
-        return _error_response(MethodNotAllowed(f"Method {request.method} is not allowed here."))
+    if exc.status_code == 405:  # with Starlette's Allow header, as RFC 9110 requires
+        return _error_response(MethodNotAllowed(f"Method {request.method} is not allowed here.",
+                                                headers=dict(exc.headers or {})))
     return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error",
                                    "param": None, "code": None}}, status_code=exc.status_code)
 
