@@ -325,6 +325,13 @@ class RawClient(EditClient):
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
     """(status, body, keep-alive) of one HTTP/1.1 response: Content-Length, chunked or close."""
+    status, headers = await read_head(reader)
+    body, keep = await read_body(reader, headers)
+    return status, body, keep
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[bytes, bytes]]:
+    """A response's status and headers (names and values lower-cased)."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     status = int(lines[0].split()[1])
@@ -333,16 +340,21 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool
         if line:
             key, _, value = line.partition(b":")
             headers[key.strip().lower()] = value.strip().lower()
+    return status, headers
+
+
+async def read_body(reader: asyncio.StreamReader, headers: dict[bytes, bytes]) -> tuple[bytes, bool]:
+    """The body after `read_head`, and whether the connection may be kept alive."""
     keep = headers.get(b"connection") != b"close"
     if b"content-length" in headers:
-        return status, await reader.readexactly(int(headers[b"content-length"])), keep
+        return await reader.readexactly(int(headers[b"content-length"])), keep
     if headers.get(b"transfer-encoding") == b"chunked":
         body = bytearray()
         while size := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16):
             body += (await reader.readexactly(size + 2))[:-2]
         await reader.readuntil(b"\r\n")  # no trailers are sent here
-        return status, bytes(body), keep
-    return status, await reader.read(), False
+        return bytes(body), keep
+    return await reader.read(), False
 
 
 CLIENTS: dict[str, type[EditClient]] = {"raw": RawClient, "httpx": HttpxClient}

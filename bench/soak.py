@@ -1,15 +1,24 @@
 """Soak test: one quota gateway under steady mixed traffic for minutes; memory trend and accounting.
 
 It starts its own redis-server (free loopback port), bench/upstream.py and ONE gateway
-(`python -m gateway.cli serve`, GATEWAY_REDIS_URL set, log level warning), creates a key with
-images_per_day 10**9 and no other limit, then keeps `--concurrency` requests in flight for
-`--minutes`: mostly small edits, some 1 MB, a few 25 MB uploads (256 KiB chunks), some with a bad
-`size` field (400) and some with a wrong key (401). The gateway's VmRSS is sampled every second.
+(`python -m gateway.cli serve`, GATEWAY_REDIS_URL set, upstream read timeout `--read-timeout`,
+log level warning), creates a key with images_per_day 10**9 and no other limit, then keeps
+`--concurrency` requests in flight for `--minutes`: mostly small edits, some 1 MB, a few 25 MB
+uploads (256 KiB chunks), SSE streams, rejections (a bad `size`: 400; a wrong key: 401) and
+upstream faults asked for through the prompt (see bench/upstream.py): a 500, a 429, a stall past
+the read timeout (504), a connection dropped mid-upload (502), SSE streams cut after their first
+image or before it (200 ending in an error event) and a JSON answer cut off (a broken 200). The
+gateway's VmRSS is sampled every second; its log is summarised by message at the end.
 
-At the end, the key's images used today (RedisStore.usage) and the upstream's request count
-(GET /_stats) must both equal the number of successful edits.
+At the end, with every lease settled, it checks exactly:
+  * the key's images used today (Redis) = the images the upstream served, plus the reservations
+    the gateway charges by its rule for JSON answers it could not read (see `charged`);
+  * the key's tokens used this month (Redis) = the tokens the upstream served;
+  * the images the clients received = the images the upstream served;
+  * each fault the soak asked for was carried out upstream exactly once;
+  * every request got the outcome its kind should get.
 
-Run: `python bench/soak.py --minutes 2 --concurrency 8`; exit status 1 on a mismatch.
+Run: `python bench/soak.py --minutes 2 --concurrency 8`; exit status 1 if a check fails.
 """
 
 from __future__ import annotations
@@ -17,7 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import json
 import random
+import re
 import shlex
 import signal
 import statistics
@@ -25,21 +37,22 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import uvloop
 from bench_edits import (
     BOUNDARY,
     MB,
+    PROMPT,
     ROOT,
     RawClient,
     Server,
     _chunks,
     _free_port,
-    multipart,
     pct,
+    read_body,
+    read_head,
     table,
     upstream_stats,
     verdict,
@@ -47,12 +60,77 @@ from bench_edits import (
 from bench_quota import keyed_client, make_store, start_redis_and_upstream
 
 LIMITS = {"rpm": 0, "images_per_day": 10**9, "tokens_per_month": 0, "max_concurrent": 0}
-# kind: (weight, sent in 256 KiB chunks); the bodies are built in main().
-MIX = {"small": (80, False), "1mb": (10, False), "25mb": (0.2, True), "bad-size": (5, False),
-       "wrong-key": (4, False)}
+REQUEST_TIMEOUT = 60.0
+STREAM = (("stream", "true"), ("n", "2"), ("partial_images", "1"))
+COMPLETED = b"event: image_edit.completed"
+_MASK = re.compile(r"\b(?:req|key)_[0-9a-f]+|\d+")
 
 
-@dataclass
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """One kind of request in the mix, and the outcome the client should see for it."""
+
+    weight: float
+    expect: str  # "ok", a status, "cut-stream" (200 ending in an error event) or "cut-body"
+    image: str = "small"  # small | 1mb | 25mb
+    fields: tuple[tuple[str, str], ...] = ()  # after model and prompt, before the image
+    fault: str = ""  # asked of bench/upstream.py by "[fault:NAME]" in the prompt
+    chunked: bool = False  # sent in 256 KiB writes: an upload still arriving
+    wrong_key: bool = False
+
+    @property
+    def n(self) -> int:
+        return int(dict(self.fields).get("n", "1"))
+
+
+# Faults weigh 9 of 105.2 (8.6 % of requests).
+KINDS = {
+    "small": Kind(72, "ok"),
+    "1mb": Kind(10, "ok", image="1mb"),
+    "25mb": Kind(0.2, "ok", image="25mb", chunked=True),
+    "stream": Kind(5, "ok", fields=STREAM),
+    "bad-size": Kind(5, "400", fields=(("size", "banana"),)),
+    "wrong-key": Kind(4, "401", wrong_key=True),
+    "fault-500": Kind(2, "500", fault="500"),
+    "fault-429": Kind(2, "429", fault="429"),
+    "fault-stall": Kind(0.5, "504", fault="stall"),
+    "fault-drop": Kind(1, "502", image="1mb", fault="drop", chunked=True),
+    "fault-cut": Kind(2, "cut-stream", fields=STREAM, fault="cut"),
+    "fault-cut-early": Kind(1, "cut-stream", fields=(("stream", "true"), ("partial_images", "1")),
+                            fault="cut-early"),
+    "fault-cut-json": Kind(0.5, "cut-body", fault="cut"),
+}
+
+
+def charged(kind: Kind, outcome: str) -> int:
+    """Images the gateway charges beyond what the upstream served, by its documented rule.
+
+    The README ("API keys and quotas") and QuotaTicket.finish: a 2xx answer is charged
+    the images the gateway read in it, a stream broken off the completed images it delivered
+    (none if it broke before the first), and an answer the gateway could not read (a JSON answer
+    cut off) the reservation, n; a non-2xx or missing answer nothing. So 500, 429, 504 and 502
+    cost 0, as the upstream served 0, and a cut stream costs the completed events the upstream
+    sent whole. A cut JSON answer is the one case where Redis cannot equal the upstream's
+    record: the upstream served 0 and the gateway charges n, by design ("the upstream did the
+    work"). The soak adds exactly that, counted from the clients' `cut-body` outcomes, and
+    prints it apart.
+    """
+    return kind.n if outcome == "cut-body" else 0
+
+
+def form(kind: Kind, image: bytes) -> bytes:
+    """model, prompt, the kind's fields, then the image: the OpenAI Python SDK's order."""
+    prompt = f"[fault:{kind.fault}] {PROMPT}" if kind.fault else PROMPT
+    out = b""
+    for name, value in (("model", "gpt-image-1"), ("prompt", prompt), *kind.fields):
+        out += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                f"{value}\r\n").encode()
+    return (out + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; '
+            'filename="image.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
+            + image + f"\r\n--{BOUNDARY}--\r\n".encode())
+
+
+@dataclasses.dataclass
 class Stack:
     redis: Server
     upstream: Server
@@ -61,15 +139,15 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(logdir: Path) -> Iterator[Stack]:
+def stack(logdir: Path, read_timeout: float) -> Iterator[Stack]:
     """Our redis-server, the lean upstream and one quota gateway, stopped whatever happens."""
     started: list[Server] = []
     try:
         _, _, url, env = start_redis_and_upstream(logdir, started)
         gw_port = _free_port()
+        env |= {"GATEWAY_REDIS_URL": url, "GATEWAY_UPSTREAM_READ_TIMEOUT": str(read_timeout)}
         started.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
-                                          str(gw_port)], env | {"GATEWAY_REDIS_URL": url},
-                              gw_port, logdir))
+                                          str(gw_port)], env, gw_port, logdir))
         started[2].wait_ready()
         yield Stack(*started, url)
     finally:
@@ -90,17 +168,58 @@ async def create_key(url: str) -> tuple[str, str]:
     return secret, record.id
 
 
-def status_client(base: type[RawClient]) -> type[RawClient]:
-    """bench_edits' raw client, but answering the status instead of failing on a non-200."""
+def soak_client(base: type[RawClient]) -> type[RawClient]:
+    """bench_edits' raw client, answering whatever came back, and telling a broken answer apart."""
 
-    class StatusClient(base):  # type: ignore[misc, valid-type]
-        async def send_status(self, body: bytes, chunked: bool) -> int:
-            parts: Callable[[], Iterator[bytes]] = (
-                (lambda: _chunks(body)) if chunked else (lambda: iter((body,))))
-            status, _ = await self.send(body, parts)
-            return status
+    class SoakClient(base):  # type: ignore[misc, valid-type]
+        async def exchange(self, body: bytes, chunked: bool) -> tuple[int, bytes, bool]:
+            """(status, body, cut): cut when the connection broke after the answer's head."""
+            for attempt in range(2):
+                (reader, writer), reused = await self._connection()
+                status = 0
+                parts: Iterable[bytes] = _chunks(body) if chunked else (body,)
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        writer.write(self._head(len(body)))
+                        for part in parts:
+                            writer.write(part)
+                            await writer.drain()
+                        status, headers = await read_head(reader)
+                        answer, keep = await read_body(reader, headers)
+                except (ConnectionError, asyncio.IncompleteReadError):
+                    self._forget(writer)
+                    if status:
+                        return status, b"", True  # the answer began, then broke off
+                    if reused and attempt == 0:
+                        continue  # closed by the server while idle: the request never arrived
+                    raise
+                except BaseException:
+                    self._forget(writer)
+                    raise
+                if keep:
+                    self._idle.append((reader, writer))
+                else:
+                    self._forget(writer)
+                return status, answer, False
+            raise AssertionError("unreachable")
 
-    return StatusClient
+        def _forget(self, writer: asyncio.StreamWriter) -> None:
+            self._open.discard(writer)
+            writer.close()
+
+    return SoakClient
+
+
+def classify(status: int, answer: bytes, cut: bool) -> tuple[str, int]:
+    """(outcome, images received): a 200 is `ok`, `cut-stream` or `cut-body`; else its status."""
+    if cut:
+        return ("cut-body" if status == 200 else f"{status}-cut"), 0
+    if status != 200:
+        return str(status), 0
+    if answer.startswith(b"event:"):
+        images = answer.count(COMPLETED)
+        return ("cut-stream" if b"\nevent: error\n" in b"\n" + answer else "ok"), images
+    return "ok", answer.count(b'"b64_json"')
 
 
 def rss_mb(pid: int) -> float:
@@ -111,16 +230,36 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def soak(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> tuple[str, bool]:
+async def settled_usage(url: str, key_id: str) -> tuple[int, int, int]:
+    """(images today, tokens this month, leases in flight), once every lease is settled
+    (settlement runs after an answer's last byte), or after 10 s."""
+    store = make_store(url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            usage = await store.usage(key_id)
+            if usage is None:
+                raise RuntimeError(f"key {key_id} is gone")
+            if usage.in_flight == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        await store.aclose()
+    return usage.windows["images"].used, usage.windows["tokens"].used, usage.in_flight
+
+
+async def soak(s: Stack, kinds: dict[str, Kind], bodies: dict[str, bytes],
+               args: argparse.Namespace) -> tuple[str, bool]:
     secret, key_id = await create_key(s.url)
-    good = status_client(keyed_client(secret))(s.gateway.origin, args.concurrency)
-    bad = status_client(keyed_client("sk-wrong-" + secret[-8:]))(s.gateway.origin, args.concurrency)
+    good = soak_client(keyed_client(secret))(s.gateway.origin, args.concurrency)
+    bad = soak_client(keyed_client("sk-wrong-" + secret[-8:]))(s.gateway.origin, args.concurrency)
     rng = random.Random(args.seed)
-    kinds, weights = list(MIX), [w for w, _ in MIX.values()]
+    names = [k for k, kind in kinds.items() if kind.weight > 0]
+    weights = [kinds[k].weight for k in names]
     results: Counter[tuple[str, str]] = Counter()
     lat: dict[str, list[float]] = defaultdict(list)
     rss: list[tuple[float, float]] = []
-    sent_bytes = 0
+    received_images = sent_bytes = 0
     t0 = time.monotonic()
     deadline = t0 + args.minutes * 60
 
@@ -130,19 +269,20 @@ async def soak(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> 
             await asyncio.sleep(1)
 
     async def worker() -> None:
-        nonlocal sent_bytes
+        nonlocal sent_bytes, received_images
         while time.monotonic() < deadline:
-            kind = rng.choices(kinds, weights)[0]
-            client = bad if kind == "wrong-key" else good
+            name = rng.choices(names, weights)[0]
+            kind = kinds[name]
+            client = bad if kind.wrong_key else good
             start = time.perf_counter()
             try:
-                status = await client.send_status(bodies[kind], MIX[kind][1])
-                outcome = "ok" if status == 200 else str(status)
+                outcome, images = classify(*await client.exchange(bodies[name], kind.chunked))
             except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
-                outcome = f"client:{type(exc).__name__}"
-            lat[kind].append((time.perf_counter() - start) * 1000)
-            results[kind, outcome] += 1
-            sent_bytes += len(bodies[kind])
+                outcome, images = f"client:{type(exc).__name__}", 0
+            lat[name].append((time.perf_counter() - start) * 1000)
+            results[name, outcome] += 1
+            received_images += images
+            sent_bytes += len(bodies[name])
 
     sampling = asyncio.create_task(sampler())
     try:
@@ -154,46 +294,96 @@ async def soak(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> 
         await good.aclose()
         await bad.aclose()
     rss.append((time.monotonic() - t0, rss_mb(s.gateway.pid)))
-    await asyncio.sleep(1.0)  # settlement runs after the answer's last byte
-    store = make_store(s.url)
-    try:
-        usage = await store.usage(key_id)
-    finally:
-        await store.aclose()
-    used = usage.windows["images"].used if usage else -1
-    upstream = (await upstream_stats(s.upstream.origin))["requests"]
+    used_images, used_tokens, in_flight = await settled_usage(s.url, key_id)
+    up = await upstream_stats(s.upstream.origin)
 
     # ---------------------------------------------------------------------------- report
     total = sum(results.values())
     ok = sum(n for (_, o), n in results.items() if o == "ok")
-    by_outcome: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
     for (_, outcome), n in results.items():
-        by_outcome[outcome if outcome == "ok" or outcome.startswith("client")
-                   else ("5xx" if outcome.startswith("5") else outcome)] += n
-    expected = {"bad-size": "400", "wrong-key": "401"}
+        if outcome != "ok":
+            errors[outcome] += n
     rows = [["kind", "requests", "p50 ms", "p99 ms", "outcomes"]]
-    for kind in MIX:
-        outs = {o: n for (k, o), n in sorted(results.items()) if k == kind}
-        rows.append([kind, str(sum(outs.values())),
-                     f"{statistics.median(lat[kind]):.2f}" if lat[kind] else "-",
-                     f"{pct(lat[kind], 99):.2f}" if lat[kind] else "-",
+    for name in names:
+        outs = {o: n for (k, o), n in sorted(results.items()) if k == name}
+        rows.append([name, str(sum(outs.values())),
+                     f"{statistics.median(lat[name]):.2f}" if lat[name] else "-",
+                     f"{pct(lat[name], 99):.2f}" if lat[name] else "-",
                      ", ".join(f"{o}={n}" for o, n in outs.items())])
-    unexpected = sum(n for (k, o), n in results.items() if o != expected.get(k, "ok"))
+    unexpected = sum(n for (k, o), n in results.items() if o != kinds[k].expect)
+    reserved = sum(charged(kinds[k], o) * n for (k, o), n in results.items())
+    asked: Counter[str] = Counter()
+    for (k, _), n in results.items():
+        if kinds[k].fault:
+            asked[kinds[k].fault] += n
+    done = Counter({k.removeprefix("fault:"): v for k, v in up.items() if k.startswith("fault:")})
     times, values = [t / 60 for t, _ in rss], [v for _, v in rss]
-    slope = statistics.linear_regression(times, values).slope if len(rss) > 2 else float("nan")
-    ok_redis, ok_upstream = used == ok, upstream == ok
+    half = len(rss) // 2  # the second half's trend is free of the warm-up's growth
+
+    def slope(start: int) -> float:
+        if len(rss) - start < 3:
+            return float("nan")
+        return statistics.linear_regression(times[start:], values[start:]).slope
+
+    checks = {
+        "redis images": used_images == up["images"] + reserved and in_flight == 0,
+        "redis tokens": used_tokens == up["tokens"],
+        "client images": received_images == up["images"],
+        "faults": asked == done,
+        "outcomes": unexpected == 0,
+    }
+    faults = ", ".join(f"{f}={asked[f]}/{done[f]}" for f in sorted(asked | done))
     lines = [
         table(rows), "",
         f"requests: {total} in {elapsed:.1f} s = {total / elapsed:.1f} req/s, "
-        f"{sent_bytes / MB / elapsed:.1f} MiB/s uploaded; successful edits: {ok}",
-        "by outcome: " + ", ".join(f"{o}={n}" for o, n in sorted(by_outcome.items())),
-        f"unexpected outcomes (not 200, or not the 400/401 a rejection should get): {unexpected}",
+        f"{sent_bytes / MB / elapsed:.1f} MiB/s uploaded; ok: {ok}",
+        "errors by kind: " + (", ".join(f"{o}={n}" for o, n in sorted(errors.items())) or "none"),
         f"gateway RSS MB: start {values[0]:.1f}, end {values[-1]:.1f}, max {max(values):.1f}, "
-        f"trend {slope:+.2f} MB/min over {len(rss)} samples",
-        f"redis images used today = {used}, successful edits = {ok}: {verdict(ok_redis)}",
-        f"upstream /_stats requests = {upstream}, successful edits = {ok}: {verdict(ok_upstream)}",
+        f"trend {slope(0):+.2f} MB/min over {len(rss)} samples, {slope(half):+.2f} over the "
+        "second half",
+        f"upstream served: {up['images']} images, {up['tokens']} tokens "
+        f"({up['answered']} whole 200 answers)",
+        f"redis images used today = {used_images}, upstream served {up['images']} + {reserved} "
+        f"reserved for cut JSON answers = {up['images'] + reserved}"
+        + (f" ({in_flight} leases unsettled)" if in_flight else "")
+        + f": {verdict(checks['redis images'])}",
+        f"redis tokens used this month = {used_tokens}, upstream served {up['tokens']}: "
+        f"{verdict(checks['redis tokens'])}",
+        f"images the clients received = {received_images}, upstream served {up['images']}: "
+        f"{verdict(checks['client images'])}",
+        f"faults asked/carried out upstream ({sum(asked.values())} = "
+        f"{100 * sum(asked.values()) / max(1, total):.1f} % of requests): {faults or 'none'}: "
+        f"{verdict(checks['faults'])}",
+        f"unexpected outcomes (not what the kind should get): {unexpected}: "
+        f"{verdict(checks['outcomes'])}",
     ]
-    return "\n".join(lines), ok_redis and ok_upstream
+    return "\n".join(lines), all(checks.values())
+
+
+def log_summary(path: Path) -> Counter[str]:
+    """A server log's lines counted by message, ids and numbers masked: what kinds of thing it
+    said, however often (the gateway logs JSON; uvicorn's own lines are plain text)."""
+    counts: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            text = f"{record['level']}: {record['message']}"
+        except (ValueError, KeyError, TypeError):
+            text = line.strip()
+        if text:
+            counts[_MASK.sub("#", text)[:160]] += 1
+    return counts
+
+
+def weight(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    if name not in KINDS:
+        raise argparse.ArgumentTypeError(f"unknown kind {name!r}; kinds: {', '.join(KINDS)}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KIND=WEIGHT") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,34 +391,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=2.0, help="duration (default 2)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the traffic mix (default 1)")
+    parser.add_argument("--read-timeout", type=float, default=1.0,
+                        help="the gateway's upstream read timeout, which a stall outlasts (default 1 s)")
+    parser.add_argument("--weight", type=weight, action="append", default=[], metavar="KIND=W",
+                        help="change a kind's weight, e.g. fault-cut-json=1 (repeatable); kinds: "
+                             + ", ".join(KINDS))
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
     command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
     sys.path.insert(0, str(ROOT))
     from tests.images import png
 
-    small = multipart(png(64, 64))
-    bad_size = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="size"\r\n\r\n'
-                "banana\r\n").encode() + small
-    bodies = {"small": small, "1mb": multipart(png(1024, 1024, size=1_000_000)),
-              "25mb": multipart(png(2048, 2048, size=25 * MB)), "bad-size": bad_size,
-              "wrong-key": small}
+    kinds = dict(KINDS)
+    for name, w in args.weight:
+        kinds[name] = dataclasses.replace(kinds[name], weight=w)
+    images = {"small": png(64, 64), "1mb": png(1024, 1024, size=1_000_000),
+              "25mb": png(2048, 2048, size=25 * MB)}
+    bodies = {name: form(kind, images[kind.image]) for name, kind in kinds.items()}
     print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} ...", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, stack(Path(tmp)) as s:
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                text, ok = runner.run(soak(s, bodies, args))
-        except Exception:
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
+        with stack(Path(tmp), args.read_timeout) as s:
+            try:
+                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                    text, ok = runner.run(soak(s, kinds, bodies, args))
+            except Exception:
+                for server in (s.redis, s.upstream, s.gateway):
+                    print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
+                raise
             for server in (s.redis, s.upstream, s.gateway):
-                print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-            raise
-        for server in (s.redis, s.upstream, s.gateway):
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+        logs = {name: log_summary(Path(tmp) / f"{name}.log") for name in ("upstream", "gateway")}
     print(f"\ncommand: {command}")
-    print(f"key limits: {LIMITS}; mix weights: "
-          + ", ".join(f"{k}={w:g}" for k, (w, _) in MIX.items()) + "\n")
+    print(f"key limits: {LIMITS}; gateway upstream read timeout {args.read_timeout:g} s; mix weights: "
+          + ", ".join(f"{k}={v.weight:g}" for k, v in kinds.items()) + "\n")
     print(text)
+    for name, lines in logs.items():
+        print(f"{name} log, lines by message (ids and numbers as #): {sum(lines.values()) or 'none'}")
+        for message, n in lines.most_common():
+            print(f"  {n:6d}  {message}")
     print(f"\noverall: {verdict(ok)}")
     return 0 if ok else 1
 
