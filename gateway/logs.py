@@ -48,6 +48,13 @@ class _DroppingQueueHandler(QueueHandler):
 _listener: QueueListener | None = None
 
 
+def _not_a_deliberate_cut(record: logging.LogRecord) -> bool:
+    """uvicorn logs an ERROR when an app ends a response unfinished; the edit route does that
+    on purpose when an upstream breaks a JSON answer off (the client must see it broken), and
+    logs its own line for it."""
+    return record.msg != "ASGI callable returned without completing response."
+
+
 def configure(level: str, fmt: str) -> None:
     """The gateway's loggers print beside uvicorn's, at `level`, as JSON lines or text, written
     by a thread so that logging never blocks the event loop."""
@@ -67,6 +74,7 @@ def configure(level: str, fmt: str) -> None:
     atexit.register(_listener.stop)
     logger.addHandler(_DroppingQueueHandler(records))
     logger.propagate = False
+    logging.getLogger("uvicorn.error").addFilter(_not_a_deliberate_cut)
 
 
 def trace_context(traceparent: str | None) -> tuple[str, str]:

@@ -423,6 +423,7 @@ def test_upstream_faults_answer_release_and_count(
     if fault.kind:
         assert grew("gateway_upstream_errors_total", model=fault.model, kind=fault.kind) == 1
     assert value(after, "gateway_in_flight_requests") == 0
+    assert "ASGI callable returned" not in gw.log()  # a deliberate cut is not uvicorn's ERROR
     upstream.reset()  # the key's one slot serves the next request
     sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
     assert sdk.images.edit(model="gpt-image-1", image=png(), prompt="x").data
