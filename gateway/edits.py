@@ -231,6 +231,7 @@ class _Edit:
         self.body_timed_out = False
         self.last_body = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
         self.fields: dict[str, str] = {}  # raw text fields before the model is known
         self.values: dict[str, str] = {}  # normalized values, defaults included, for checks
         self.sent: list[str] = []  # fields the client sent, in order
@@ -360,21 +361,23 @@ class _Edit:
         """One timer per request (not one per chunk): cancels the request when the client has
         sent no body bytes for body_read_timeout while its body is unfinished (slow loris)."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        limit = self.settings.body_read_timeout
+        self._task = asyncio.current_task()
         self.last_body = loop.time()
+        self._watchdog = loop.call_later(self.settings.body_read_timeout, self._check_body)
 
-        def check() -> None:
-            if self.body_done.is_set() or task is None or task.done():
-                return
-            idle = loop.time() - self.last_body
-            if idle >= limit:
-                self.body_timed_out = True
-                task.cancel()
-            else:
-                self._watchdog = loop.call_later(limit - idle, check)
-
-        self._watchdog = loop.call_later(limit, check)
+    def _check_body(self) -> None:
+        # A method, not a closure that re-arms itself: no reference cycle keeps the request.
+        task = self._task
+        if self.body_done.is_set() or task is None or task.done():
+            return
+        loop = asyncio.get_running_loop()
+        limit = self.settings.body_read_timeout
+        idle = loop.time() - self.last_body
+        if idle >= limit:
+            self.body_timed_out = True
+            task.cancel()
+        else:
+            self._watchdog = loop.call_later(limit - idle, self._check_body)
 
     async def _read(self) -> list[tuple[int, Any]]:
         """The multipart events of the next body message, counting bytes against the limit."""
@@ -796,10 +799,7 @@ class _Edit:
                 if len(head) >= 300:
                     break
             text = head[:300].decode(errors="replace").strip()
-            error = GatewayError(f"The upstream answered {response.status_code}: {text}",
-                                 code="upstream_error")
-            error.status = response.status_code
-            raise error
+            raise _upstream_error(response.status_code, text)
         limit = self.settings.max_response_bytes
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
@@ -911,8 +911,16 @@ class _Edit:
             return
 
     def close(self) -> None:
+        self._task = None
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self.spool is not None:
             self.spool.close()
 
+
+def _upstream_error(status: int, text: str) -> GatewayError:
+    # Built here, not in a local of the raising frame: that local and the exception's traceback
+    # would hold each other, and the frame's request with them, until a cyclic collection.
+    error = GatewayError(f"The upstream answered {status}: {text}", code="upstream_error")
+    error.status = status
+    return error
