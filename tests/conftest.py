@@ -98,6 +98,8 @@ def start_gateway(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFacto
         return gw
 
     yield start
+    for gw in started:  # all at once: each takes a moment to shut down
+        gw.proc.terminate()
     for gw in started:
         gw.stop()
 
