@@ -105,15 +105,15 @@ class BoundedHttpTools(HttpToolsProtocol):
     httptools keeps a header line, and any number of header lines, until the head is complete,
     and uvicorn sets no limit on that: a client could fill memory before any route sees the
     request. h11 has the bound (h11_max_incomplete_event_size) but parses in Python; this keeps
-    httptools' speed and reads the bound from that same setting. The head is measured exactly
-    from the parser's callbacks; a head still unfinished after that many bytes read is refused
-    before the next read is parsed, so memory stays under the bound plus one read.
+    httptools' speed and reads the bound from that same setting. A head still unfinished after
+    that many bytes read is refused before the next read is parsed (so memory stays under the
+    bound plus one read); a finished head is measured exactly. Three calls per request, none
+    per header: the hot path stays as it was.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_limit = self.config.h11_max_incomplete_event_size or 65536
-        self._head = 0  # bytes of the current head, as parsed
         self._read: int | None = 0  # bytes read since the head began; None while in a body
         self._refusal: GatewayError | None = None
 
@@ -126,33 +126,19 @@ class BoundedHttpTools(HttpToolsProtocol):
             self._read += len(data)
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
-        self._head = 0
-        super().on_message_begin()
-
-    def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
         self._read = None
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self._head_limit:
+            # Raised inside a parser callback: the parser stops, and uvicorn answers through
+            # send_400_response, which sends this refusal instead.
+            self._refusal = self._too_large()
+            raise self._refusal
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._read = 0  # the next request's head starts here
         super().on_message_complete()
-
-    def _count(self, n: int) -> None:
-        self._head += n
-        if self._head > self._head_limit:
-            # Raised inside a parser callback: the parser stops, and uvicorn answers through
-            # send_400_response, which sends this refusal instead.
-            self._refusal = self._too_large()
-            raise self._refusal
 
     def _too_large(self) -> GatewayError:
         metrics.REJECTIONS.labels("too_large").inc()
