@@ -56,6 +56,14 @@ class RequestTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class HeadersTooLarge(GatewayError):
+    """The request line and headers exceed max_header_bytes (431, before any route)."""
+
+    status = 431
+    type = "invalid_request_error"
+    code = "request_header_fields_too_large"
+
+
 class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"

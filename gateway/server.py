@@ -17,7 +17,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from gateway import health, metrics
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import Settings
 
@@ -90,12 +90,6 @@ def serve(settings: Settings) -> None:
         access_log=False,  # the gateway writes its own line per request
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
-
-
-class HeadersTooLarge(GatewayError):
-    status = 431
-    type = "invalid_request_error"
-    code = "request_header_fields_too_large"
 
 
 class BoundedHttpTools(HttpToolsProtocol):
