@@ -149,11 +149,13 @@ def make_store(url: str) -> RedisStore:
                       rpm_burst_seconds=fields["rpm_burst_seconds"].default)
 
 
-async def create_key(url: str) -> tuple[str, str, str]:
-    """(secret, key id, key hash) of a new key whose limits no run of this benchmark reaches."""
+async def create_key(url: str, name: str = "bench", limits: dict[str, int] | None = None
+                     ) -> tuple[str, str, str]:
+    """(secret, key id, key hash) of a new key; by default with limits no run of this benchmark
+    reaches."""
     from gateway.keys import KeyRecord, Limits
 
-    record, secret = KeyRecord.new("bench", Limits(**LIMITS))
+    record, secret = KeyRecord.new(name, Limits(**(LIMITS if limits is None else limits)))
     store = make_store(url)
     try:
         await store.put_key(record)

@@ -57,7 +57,7 @@ from bench_edits import (
     upstream_stats,
     verdict,
 )
-from bench_quota import keyed_client, make_store, start_redis_and_upstream
+from bench_quota import create_key, keyed_client, make_store, start_redis_and_upstream
 
 LIMITS = {"rpm": 0, "images_per_day": 10**9, "tokens_per_month": 0, "max_concurrent": 0}
 REQUEST_TIMEOUT = 60.0
@@ -155,19 +155,6 @@ def stack(logdir: Path, read_timeout: float) -> Iterator[Stack]:
             server.stop()
 
 
-async def create_key(url: str) -> tuple[str, str]:
-    """(secret, key id) of a new key: images_per_day 10**9, no other limit."""
-    from gateway.keys import KeyRecord, Limits
-
-    record, secret = KeyRecord.new("soak", Limits(**LIMITS))
-    store = make_store(url)
-    try:
-        await store.put_key(record)
-    finally:
-        await store.aclose()
-    return secret, record.id
-
-
 def soak_client(base: type[RawClient]) -> type[RawClient]:
     """bench_edits' raw client, answering whatever came back, and telling a broken answer apart."""
 
@@ -250,7 +237,7 @@ async def settled_usage(url: str, key_id: str) -> tuple[int, int, int]:
 
 async def soak(s: Stack, kinds: dict[str, Kind], bodies: dict[str, bytes],
                args: argparse.Namespace) -> tuple[str, bool]:
-    secret, key_id = await create_key(s.url)
+    secret, key_id, _ = await create_key(s.url, "soak", LIMITS)  # images_per_day 10**9
     good = soak_client(keyed_client(secret))(s.gateway.origin, args.concurrency)
     bad = soak_client(keyed_client("sk-wrong-" + secret[-8:]))(s.gateway.origin, args.concurrency)
     rng = random.Random(args.seed)
