@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -103,3 +104,10 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     """The sum over every series of `name` whose labels include `labels`."""
     want = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and want <= ls)
+
+
+def usage_of(url: str, secret: str) -> dict[str, Any]:
+    """GET /v1/usage as the key `secret` sees it."""
+    answer = httpx.get(f"{url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()

@@ -31,7 +31,15 @@ from gateway.settings import KeyEntry, Settings
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream, _free_port
-from tests.helpers import make_key, multipart, open_files_in, raw_exchange, scrape, value
+from tests.helpers import (
+    make_key,
+    multipart,
+    open_files_in,
+    raw_exchange,
+    scrape,
+    usage_of,
+    value,
+)
 from tests.images import png
 
 EDITS = "/v1/images/edits"
@@ -118,12 +126,6 @@ def _metrics_dir(pid: int) -> Path:
     return Path(entry.split(b"=", 1)[1].decode())
 
 
-def _usage(url: str, secret: str) -> dict[str, Any]:
-    answer = httpx.get(f"{url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
 @dataclass
 class Trickle:
     """Edits on another key, one at a time, each on a fresh connection, until stopped. `lock`
@@ -186,7 +188,7 @@ def test_sigkill_of_a_worker_mid_request(start_gateway: Callable[..., GatewayPro
     assert victim is not None, f"no worker of {workers} holds the held request's connection"
     [survivor] = [w for w in workers if w != victim]
     metrics_dir = _metrics_dir(victim)
-    assert _usage(gw.url, secret_a)["in_flight"] == 1
+    assert usage_of(gw.url, secret_a)["in_flight"] == 1
 
     trickle = Trickle(gw.url, secret_b)
     runner = threading.Thread(target=trickle.run, daemon=True)
@@ -216,12 +218,12 @@ def test_sigkill_of_a_worker_mid_request(start_gateway: Callable[..., GatewayPro
         assert refused.status_code == 429, refused.text
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
         assert "concurrent" in refused.json()["error"]["message"]
-        usage = _usage(gw.url, secret_a)
+        usage = usage_of(gw.url, secret_a)
         assert usage["in_flight"] == 1 and usage["limits"]["images"]["used"] == 2
 
         # Healed by the lease TTL alone (the last renewal was at most TTL/3 before the kill).
         deadline = killed_at + LEASE_TTL + 2
-        while (usage := _usage(gw.url, secret_a))["in_flight"] != 0:
+        while (usage := usage_of(gw.url, secret_a))["in_flight"] != 0:
             assert time.monotonic() < deadline, "the dead worker's lease never expired"
             time.sleep(0.05)
         healed_after = time.monotonic() - killed_at
@@ -237,7 +239,7 @@ def test_sigkill_of_a_worker_mid_request(start_gateway: Callable[..., GatewayPro
         assert _post(gw.url, secret_a, "key-a").status_code == 200
         over = _post(gw.url, secret_a, "key-a")
         assert over.status_code == 429 and over.json()["error"]["code"] == "insufficient_quota"
-        assert _usage(gw.url, secret_a)["limits"]["images"]["used"] == 2
+        assert usage_of(gw.url, secret_a)["limits"]["images"]["used"] == 2
 
         # uvicorn 0.54's supervisor notices the death (it polls every 0.5 s) and starts a new
         # worker, which takes connections too.

@@ -16,7 +16,7 @@ from pytest_redis import factories
 from gateway.keys import KeyRecord, Limits
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit, flush, make_key, put_key
+from tests.helpers import edit, flush, make_key, put_key, usage_of
 from tests.images import png
 
 quota_redis = factories.redis_proc(port=None)
@@ -40,12 +40,6 @@ def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
 def sdk(gw: GatewayProcess, secret: str, **kwargs: object) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0,
                          **kwargs)  # type: ignore[arg-type]
-
-
-def usage_of(gw: GatewayProcess, secret: str) -> dict:
-    r = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def test_keys_are_required_and_checked_first(keyed, redis_url: str, upstream: FakeUpstream) -> None:
@@ -85,7 +79,7 @@ def test_budget_is_exact_across_two_instances(keyed, redis_url: str, upstream: F
         results = list(pool.map(one, range(24)))
     assert results.count("ok") == 5 and results.count("quota") == 19
     assert len(upstream.completed) == 5
-    assert usage_of(gateways[1], secret)["limits"]["images"]["used"] == 5
+    assert usage_of(gateways[1].url, secret)["limits"]["images"]["used"] == 5
 
 
 def test_sdk_does_not_retry_a_spent_budget(keyed, redis_url: str, upstream: FakeUpstream) -> None:
@@ -107,7 +101,7 @@ def test_reservations_come_back_when_no_answer(keyed, redis_url: str, upstream: 
     upstream.behaviour.status = 500
     with pytest.raises(openai.InternalServerError):
         edit(sdk(gw, secret), n=3)
-    assert usage_of(gw, secret)["limits"]["images"]["used"] == 0
+    assert usage_of(gw.url, secret)["limits"]["images"]["used"] == 0
 
     # The client leaves while the upstream is still generating: hung up, given back.
     upstream.reset()
@@ -116,10 +110,10 @@ def test_reservations_come_back_when_no_answer(keyed, redis_url: str, upstream: 
         edit(sdk(gw, secret, timeout=0.5), n=3)
     upstream.wait_for(lambda: upstream.records and upstream.records[-1].aborted, timeout=3)
     deadline = time.monotonic() + 3
-    while usage_of(gw, secret)["limits"]["images"]["used"] != 0:
+    while usage_of(gw.url, secret)["limits"]["images"]["used"] != 0:
         assert time.monotonic() < deadline, "reservation was not given back"
         time.sleep(0.05)
-    assert usage_of(gw, secret)["in_flight"] == 0
+    assert usage_of(gw.url, secret)["in_flight"] == 0
 
 
 def test_tokens_are_settled_from_the_answer(keyed, redis_url: str, upstream: FakeUpstream) -> None:
@@ -127,12 +121,12 @@ def test_tokens_are_settled_from_the_answer(keyed, redis_url: str, upstream: Fak
     _, secret = make_key(redis_url, tokens_per_month=600)
     raw = sdk(gw, secret).images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")
     assert raw.headers["x-ratelimit-limit-tokens"] == "600"
-    assert usage_of(gw, secret)["limits"]["tokens"]["used"] == 250  # the JSON answer's usage
+    assert usage_of(gw.url, secret)["limits"]["tokens"]["used"] == 250  # the JSON answer's usage
     for _ in sdk(gw, secret).images.edit(model="gpt-image-1", image=png(), prompt="x", n=2,
                                          stream=True, partial_images=1):
         pass
     # Two image_edit.completed events of 250 each; partial images carry no usage.
-    assert usage_of(gw, secret)["limits"]["tokens"]["used"] == 750
+    assert usage_of(gw.url, secret)["limits"]["tokens"]["used"] == 750
     with pytest.raises(openai.RateLimitError) as info:  # spent: the last request overran it
         edit(sdk(gw, secret))
     assert info.value.code == "insufficient_quota"
@@ -225,7 +219,7 @@ def test_in_process_store_from_config(start_gateway: Callable[..., GatewayProces
     edit(sdk(gw, secret), n=2)
     with pytest.raises(openai.RateLimitError):
         edit(sdk(gw, secret))
-    images = usage_of(gw, secret)["limits"]["images"]
+    images = usage_of(gw.url, secret)["limits"]["images"]
     assert (images["limit"], images["used"], images["remaining"]) == (2, 2, 0)
     assert 0 < images["reset_seconds"] <= 86_400
 
@@ -309,7 +303,7 @@ def test_long_requests_keep_their_lease(keyed, redis_url: str, upstream: FakeUps
         with pytest.raises(openai.RateLimitError):
             edit(sdk(gw, secret))
         slow.result()
-    assert usage_of(gw, secret)["in_flight"] == 0
+    assert usage_of(gw.url, secret)["in_flight"] == 0
 
 
 def test_usage_is_counted_when_the_client_leaves_mid_answer(keyed, redis_url: str,
@@ -322,7 +316,7 @@ def test_usage_is_counted_when_the_client_leaves_mid_answer(keyed, redis_url: st
     next(iter(stream))  # the first partial image, then the client hangs up
     stream.close()
     deadline = time.monotonic() + 5
-    while usage_of(gw, secret)["limits"]["tokens"]["used"] != 500:  # both completed events
-        assert time.monotonic() < deadline, usage_of(gw, secret)
+    while usage_of(gw.url, secret)["limits"]["tokens"]["used"] != 500:  # both completed events
+        assert time.monotonic() < deadline, usage_of(gw.url, secret)
         time.sleep(0.1)
-    assert usage_of(gw, secret)["in_flight"] == 0
+    assert usage_of(gw.url, secret)["in_flight"] == 0

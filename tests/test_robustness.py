@@ -24,7 +24,15 @@ from gateway.keys import KeyRecord, Limits
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream, ResettingUpstream, _free_port
-from tests.helpers import make_key, multipart, open_files_in, raw_exchange, scrape, value
+from tests.helpers import (
+    make_key,
+    multipart,
+    open_files_in,
+    raw_exchange,
+    scrape,
+    usage_of,
+    value,
+)
 from tests.images import png
 
 
@@ -374,8 +382,8 @@ def fault_gateway(start_gateway: Callable[..., GatewayProcess]
 
 def _usage(gw: GatewayProcess, secret: str) -> tuple[int, int]:
     """The key's (requests in flight, images used today), as /v1/usage shows them."""
-    r = httpx.get(f"{gw.url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
-    return r.json()["in_flight"], r.json()["limits"]["images"]["used"]
+    usage = usage_of(gw.url, secret)
+    return usage["in_flight"], usage["limits"]["images"]["used"]
 
 
 @pytest.mark.parametrize("fault", FAULTS.values(), ids=FAULTS.keys())
