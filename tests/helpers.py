@@ -111,3 +111,10 @@ def usage_of(url: str, secret: str) -> dict[str, Any]:
     answer = httpx.get(f"{url}/v1/usage", headers={"authorization": f"Bearer {secret}"})
     assert answer.status_code == 200, answer.text
     return answer.json()
+
+
+def edit_head(body: bytes, ctype: str, secret: str | None = None) -> bytes:
+    """The request line and headers of a raw POST /v1/images/edits carrying `body`."""
+    auth = f"Authorization: Bearer {secret}\r\n" if secret else ""
+    return (f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n{auth}"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()

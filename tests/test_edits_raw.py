@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import Part, multipart, open_files_in, raw_exchange
+from tests.helpers import Part, edit_head, multipart, open_files_in, raw_exchange
 from tests.images import jpeg, png, sha256
 
 
@@ -286,8 +286,7 @@ def test_client_disconnect_mid_upload_cancels_upstream(
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
                              ("image", png(size=3_000_000), "a.png")])
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as s:
-        s.sendall(f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:1_000_000])
+        s.sendall(edit_head(body, ctype) + body[:1_000_000])
         upstream.wait_for(lambda: upstream.records and upstream.records[-1].bytes_received > 500_000)
     # The client is gone: the upstream sees its request cut off, never completed.
     upstream.wait_for(lambda: upstream.records[0].aborted)

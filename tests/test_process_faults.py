@@ -32,6 +32,7 @@ from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream, _free_port
 from tests.helpers import (
+    edit_head,
     make_key,
     multipart,
     open_files_in,
@@ -52,11 +53,6 @@ def _edit_body(prompt: str = "x", *, image: bytes | None = None, files_first: bo
               *((k, v, None) for k, v in extra)]
     files = [("image", image if image is not None else png(), "a.png")]
     return multipart([*files, *fields] if files_first else [*fields, *files])
-
-
-def _head(body: bytes, ctype: str, secret: str) -> bytes:
-    return (f"POST {EDITS} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-            f"Authorization: Bearer {secret}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
 
 
 def _post(url: str, secret: str, prompt: str = "x", **kwargs: Any) -> httpx.Response:
@@ -177,7 +173,7 @@ def test_sigkill_of_a_worker_mid_request(start_gateway: Callable[..., GatewayPro
     body, ctype = _edit_body("key-a")
     first = len(upstream.records)
     held = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
-    held.sendall(_head(body, ctype, secret_a) + body)
+    held.sendall(edit_head(body, ctype, secret_a) + body)
     upstream.wait_for(lambda: len(upstream.records) > first and upstream.records[first].completed,
                       timeout=10)
     held_record = upstream.records[first]
@@ -423,7 +419,7 @@ def _request(secret: str, **kwargs: Any) -> dict[str, Any]:
 def _leave_mid_upload_streaming(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body(image=png(size=2_000_000))  # fields first: streams upstream live
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret) + body[:1_000_000])
+        s.sendall(edit_head(body, ctype, secret) + body[:1_000_000])
         up.wait_for(lambda: up.records and up.records[-1].bytes_received > 0)
     up.wait_for(lambda: up.records[-1].aborted)
     assert up.completed == []
@@ -432,7 +428,7 @@ def _leave_mid_upload_streaming(gw: InProcessGateway, up: FakeUpstream, secret: 
 def _leave_mid_upload_spooled(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body(image=png(size=2_000_000), files_first=True)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret) + body[:1_000_000])
+        s.sendall(edit_head(body, ctype, secret) + body[:1_000_000])
         _wait(lambda: open_files_in(os.getpid(), gw.spool_dir), "the upload is spooled")
     assert up.records == []
 
@@ -440,7 +436,7 @@ def _leave_mid_upload_spooled(gw: InProcessGateway, up: FakeUpstream, secret: st
 def _leave_before_body(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret))
+        s.sendall(edit_head(body, ctype, secret))
         _wait(lambda: gw.app.edits.in_flight == 1, "the request reached the endpoint")
     assert up.records == []
 
@@ -449,7 +445,7 @@ def _leave_awaiting_answer(gw: InProcessGateway, up: FakeUpstream, secret: str) 
     up.behaviour.delay_headers = 5
     body, ctype = _edit_body()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret) + body)
+        s.sendall(edit_head(body, ctype, secret) + body)
         up.wait_for(lambda: up.completed)
     up.wait_for(lambda: up.records[-1].aborted)  # the gateway hung up on the upstream too
 
@@ -458,7 +454,7 @@ def _leave_mid_answer(gw: InProcessGateway, up: FakeUpstream, secret: str) -> No
     up.behaviour.event_delay = 0.3
     body, ctype = _edit_body(extra=(("stream", "true"), ("partial_images", "2")))
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret) + body)
+        s.sendall(edit_head(body, ctype, secret) + body)
         answer = b""
         while b"event: image_edit.partial_image" not in answer:
             chunk = s.recv(65536)
@@ -469,7 +465,7 @@ def _leave_mid_answer(gw: InProcessGateway, up: FakeUpstream, secret: str) -> No
 
 def _slow_loris(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body(image=png(size=2_000_000))
-    answer = raw_exchange(gw.port, _head(body, ctype, secret) + body[:500_000])
+    answer = raw_exchange(gw.port, edit_head(body, ctype, secret) + body[:500_000])
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
     up.wait_for(lambda: up.records and up.records[-1].aborted)
 
@@ -548,20 +544,20 @@ def _good_sse(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
 def _gone_before_body(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret))
+        s.sendall(edit_head(body, ctype, secret))
         time.sleep(0.2)  # among many requests there is no one count to poll for
 
 
 def _gone_mid_spool(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body(image=png(size=2_000_000), files_first=True)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-        s.sendall(_head(body, ctype, secret) + body[:1_000_000])
+        s.sendall(edit_head(body, ctype, secret) + body[:1_000_000])
         time.sleep(0.2)
 
 
 def _loris(gw: InProcessGateway, up: FakeUpstream, secret: str) -> None:
     body, ctype = _edit_body(image=png(size=2_000_000))
-    assert raw_exchange(gw.port, _head(body, ctype, secret) + body[:500_000]).startswith(
+    assert raw_exchange(gw.port, edit_head(body, ctype, secret) + body[:500_000]).startswith(
         b"HTTP/1.1 408")
 
 

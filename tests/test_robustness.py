@@ -25,6 +25,7 @@ from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.fake_upstream import FakeUpstream, ResettingUpstream, _free_port
 from tests.helpers import (
+    edit_head,
     make_key,
     multipart,
     open_files_in,
@@ -41,11 +42,6 @@ def _send_then_stall(gw: GatewayProcess, head: bytes, body: bytes, sent: int) ->
     return raw_exchange(gw.port, head + body[:sent])
 
 
-def _head(body: bytes, ctype: str) -> bytes:
-    return (f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
-
-
 def test_a_client_silent_mid_body_is_timed_out(start_gateway: Callable[..., GatewayProcess],
                                                upstream: FakeUpstream) -> None:
     gw = start_gateway(body_read_timeout=1)
@@ -53,7 +49,7 @@ def test_a_client_silent_mid_body_is_timed_out(start_gateway: Callable[..., Gate
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
                              ("image", png(size=2_000_000), "a.png")])
     t0 = time.monotonic()
-    answer = _send_then_stall(gw, _head(body, ctype), body, 500_000)
+    answer = _send_then_stall(gw, edit_head(body, ctype), body, 500_000)
     assert answer.startswith(b"HTTP/1.1 408") and b'"request_timeout"' in answer
     assert 0.9 < time.monotonic() - t0 < 5
     upstream.wait_for(lambda: upstream.records and upstream.records[-1].aborted)
@@ -62,7 +58,7 @@ def test_a_client_silent_mid_body_is_timed_out(start_gateway: Callable[..., Gate
     # Files first: spooled, the upstream never opened.
     upstream.reset()
     body, ctype = multipart([("image", png(size=2_000_000), "a.png"), ("prompt", "x", None)])
-    answer = _send_then_stall(gw, _head(body, ctype), body, 500_000)
+    answer = _send_then_stall(gw, edit_head(body, ctype), body, 500_000)
     assert answer.startswith(b"HTTP/1.1 408")
     assert upstream.records == []
     assert gw.client().images.edit(model="gpt-image-1", image=png(), prompt="x").data
@@ -310,7 +306,7 @@ def test_clients_leaving_leave_nothing_behind(start_gateway: Callable[..., Gatew
     body, ctype = multipart([("image", png(size=2_000_000), "a.png"), ("prompt", "x", None)])
     for sent in (0, 1_000_000):
         with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
-            s.sendall(_head(body, ctype) + body[:sent])
+            s.sendall(edit_head(body, ctype) + body[:sent])
         time.sleep(0.3)
     assert upstream.records == []
 
@@ -468,7 +464,7 @@ def test_request_heads_are_bounded(start_gateway: Callable[..., GatewayProcess],
                              ("image", png(), "a.png")])
 
     def post(extra: bytes) -> bytes:
-        return raw_exchange(gw.port, _head(body, ctype).replace(b"Host: x\r\n", b"Host: x\r\n" + extra)
+        return raw_exchange(gw.port, edit_head(body, ctype).replace(b"Host: x\r\n", b"Host: x\r\n" + extra)
                             + body)
 
     # Just under the bound: served. Over it, in one line or in many: a 431 in OpenAI's shape,
