@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     keys: dict[str, KeyEntry] = {}
     key_cache_seconds: float = Field(1.0, ge=0, le=1)  # how stale a key record may be
+    # With redis_failure = "open": the oldest cached key record still believed while Redis is
+    # away (a key revoked before the outage stops working after this long at the most).
+    key_stale_seconds: float = Field(300.0, ge=0)
     # Leases are renewed while their request runs, so this only bounds how long a dead
     # instance's reservations and concurrency slots linger.
     lease_ttl_seconds: float = Field(60.0, ge=3)
@@ -147,14 +150,38 @@ class Settings(BaseSettings):
     # retryable 503; a client silent for body_read_timeout seconds mid-body gets a 408.
     max_in_flight: int = Field(256, ge=1)
     body_read_timeout: float = Field(30.0, gt=0)
+    # An edit slot is taken only once the key is accepted, and one key holds at most its own
+    # max_concurrent slots of an instance (keys without one: max_in_flight_per_key).
+    max_in_flight_per_key: int = Field(128, ge=1)
+    # Before admission a body must arrive at min_body_rate bytes a second on average, once
+    # body_rate_grace_seconds have passed (a trickle cannot hold a slot for long).
+    min_body_rate: int = Field(16 * 1024, ge=0)
+    body_rate_grace_seconds: float = Field(10.0, gt=0)
+    # A refused request (401, 400, 429, 503) reads at most this much more of its body, for at
+    # most refusal_drain_seconds, so the client can still read the answer; then it is closed.
+    refusal_drain_bytes: int = Field(1024 * 1024, ge=0)
+    refusal_drain_seconds: float = Field(2.0, ge=0)
+    # The request line and headers must arrive within this many seconds (slow-loris heads).
+    header_read_timeout: float = Field(30.0, gt=0)
+    # One write of the answer to the client may wait this long (it stopped reading); then the
+    # client counts as gone, and the upstream's answer is still read to meter it.
+    client_send_timeout: float = Field(60.0, gt=0)
 
     # Files that arrive before the text fields wait here (memory first, then an unnamed temp file).
     spool_dir: Path | None = None
     spool_memory_bytes: int = Field(1024 * 1024, ge=0)  # 0: straight to disk
+    # Spooled bytes at once, in this process and for one key in it: past either, a retryable 503.
+    max_spool_bytes: int = Field(8 * 1024**3, ge=0)
+    max_spool_bytes_per_key: int = Field(1024**3, ge=0)
+    # All text fields of one request together (each is also bounded by max_field_bytes).
+    max_text_bytes: int = Field(512 * 1024, ge=1)
 
     @field_validator("admin_key")
     @classmethod
     def _long_admin_key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and v.get_secret_value() != v.get_secret_value().strip():
+            # A mounted secret usually ends in a newline: no client could ever send it.
+            v = SecretStr(v.get_secret_value().strip())
         if v is not None and not v.get_secret_value():
             return None  # GATEWAY_ADMIN_KEY="" (as compose passes an unset one): no admin API
         if v is not None and len(v.get_secret_value()) < 16:
