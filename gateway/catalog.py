@@ -14,11 +14,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from gateway.errors import InvalidRequest, SettingsError
+from gateway.errors import InvalidRequest, NotFound, SettingsError
 from gateway.settings import Settings, describe_validation_error
 
 IMAGE_FORMATS = ("png", "jpeg", "webp")
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
+_INTEGER = re.compile(r"-?[0-9]{1,9}")
+PASSTHROUGH_MAX_N = 10  # OpenAI's own bound on n
 
 
 class FieldRule(BaseModel):
@@ -84,10 +86,13 @@ class FieldRule(BaseModel):
         raise _invalid(name, raw, self.values)
 
     def _integer(self, name: str, value: str) -> str:
+        # ASCII digits only: int() would also take "+3", "3_0" and other scripts' digits.
         try:
+            if not _INTEGER.fullmatch(value):
+                raise ValueError(value)
             number = int(value, 10)
         except ValueError:
-            raise InvalidRequest(f"Invalid type for '{name}': expected an integer, got '{value}'.",
+            raise InvalidRequest(f"Invalid type for '{name}': expected an integer, got '{value[:32]}'.",
                                  param=name, code="invalid_type") from None
         if (self.min is not None and number < self.min) or (
             self.max is not None and number > self.max
@@ -174,17 +179,30 @@ class Catalog:
 
     def __init__(self, models: Iterable[ModelSpec], *, default_model: str,
                  passthrough: ModelSpec | None = None) -> None:
+        models = list(models)
         self.models = {m.name: m for m in models if m.enabled}
+        # Disabled names stay refused, even where unknown names pass through.
+        self.disabled = frozenset(m.name for m in models if not m.enabled)
         self.default_model = default_model
         self.passthrough = passthrough
         # Fields some model takes: a field outside this set is "unknown", inside it "unsupported".
         self.known_fields = frozenset(f for m in self.models.values() for f in m.fields)
+        self._fields_closed = passthrough is None and not any(
+            m.open_fields for m in self.models.values())
+
+    def unknown_field(self, name: str) -> bool:
+        """No model could take this field (so it can be refused before the model is known)."""
+        return self._fields_closed and name not in self.known_fields and \
+            name not in ("model", "prompt")
 
     def resolve(self, name: str | None) -> ModelSpec:
         name = self.default_model if name is None else name.strip()
         spec = self.models.get(name)
         if spec is not None:
             return spec
+        if name in self.disabled:
+            raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
+                           param="model", code="model_not_found")
         if self.passthrough is not None and name:
             return self.passthrough.model_copy(update={"name": name})
         choices = ", ".join(f"'{m}'" for m in self.models)
@@ -223,6 +241,9 @@ class Catalog:
             biggest = max(specs, key=lambda m: m.max_image_bytes, default=None)
             passthrough = ModelSpec(
                 name="*", owned_by="passthrough", open_fields=True,
+                # Any field passes, but `n` is reserved against quotas: a plain small integer,
+                # sent upstream as it was reserved.
+                fields={"n": FieldRule(kind="int", min=1, max=PASSTHROUGH_MAX_N)},
                 mask=MaskRule(formats=IMAGE_FORMATS, require_alpha=False, match_first_image=False),
                 max_image_bytes=biggest.max_image_bytes if biggest else 50 * 1024 * 1024)
         catalog = cls(specs, default_model=settings.default_model, passthrough=passthrough)

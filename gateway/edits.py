@@ -27,14 +27,16 @@ import httpx
 
 from gateway import logs, metrics
 from gateway.admission import Admission, EditRequest, KeyPrincipal, Outcome, Principal, Ticket
-from gateway.asgi import Receive, Scope, Send, headers_of, request_id
+from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
+    RateLimited,
     RequestTimeout,
     RequestTooLarge,
     ServiceUnavailable,
+    UpstreamError,
     UpstreamResponseTooLarge,
     UpstreamUnavailable,
 )
@@ -61,9 +63,8 @@ _PASS_HEADERS = frozenset({
     b"openai-processing-ms", b"openai-version", b"retry-after", b"retry-after-ms",
     b"x-should-retry"})
 _STREAM_ERROR = b"event: error\ndata: %s\n\n"
+_ERROR_BYTES = 64 * 1024  # the most of an upstream error answer read
 EDITS_ENDPOINT = "/v1/images/edits"
-# Fields admission sees, with the value a request that leaves them out is admitted with.
-_ADMITTED = {"n": "1", "stream": "false"}
 
 
 class EventFramer:
@@ -140,54 +141,122 @@ class EditsEndpoint:
             max(m.max_image_bytes, m.mask.max_bytes if m.mask else 0) for m in specs)
         self.max_images = max(m.max_images for m in specs)
         self.in_flight = 0
+        self.by_key: dict[str, int] = {}  # edit slots each key holds here
+        self.spooled = 0  # bytes waiting in spools, all requests
+        self.spooled_by_key: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = headers_of(scope)
-        rid = request_id(headers)
-        edit = _Edit(self, receive, rid)
-        if self.in_flight >= self.settings.max_in_flight:
-            # Shed load before reading anything: memory and file handles stay bounded.
-            await edit.fail(send, ServiceUnavailable(
-                "The gateway is at capacity; retry shortly.", code="overloaded",
-                headers={"retry-after": "1"}), drain=False)
-            self._observe(edit)
-            return
-        self.in_flight += 1
+        edit = _Edit(self, receive, request_id(headers))
         edit.trace_id, edit.traceparent = logs.trace_context(headers.get("traceparent"))
         client = scope.get("client")
         edit.client = f"{client[0]}:{client[1]}" if client else ""
-        metrics.IN_FLIGHT.inc()
+        edit.expects_continue = headers.get("expect", "").lower() == "100-continue"
         try:
-            await edit.run(headers, send)
+            # Nothing is held before the key is accepted: no slot, no body read (so no
+            # `100 Continue` either), and a refusal is answered and the connection closed.
+            edit.principal = await self.admission.authenticate(headers.get("authorization"))
+            self._take_slot(edit)
         except GatewayError as exc:
-            if edit.response_started:
-                log.warning("request %s: error after the answer began: %s", rid, exc)
-            else:
-                await edit.fail(send, exc)
-        except ClientGone:
-            log.info("request %s: client disconnected", rid)
-        except httpx.TransportError as exc:
-            # The upstream broke off a JSON answer already under way: returning without
-            # completing it makes the server cut the connection, so the client sees a broken
-            # response rather than a wrong one.
-            log.warning("request %s: upstream failed mid-answer: %r", rid, exc)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not edit.body_timed_out or task is None or task.uncancel() != 0:
-                raise  # a server shutdown, not the body watchdog
-            log.info("request %s: client silent mid-body; timed out", rid)
-            await edit.fail(send, RequestTimeout(
-                f"No request body bytes for {self.settings.body_read_timeout:g} seconds."),
-                drain=False)
-        except Exception:
-            log.exception("request %s: internal error", rid)
-            if not edit.response_started:
-                await edit.fail(send, GatewayError("The gateway failed to handle the request."))
-        finally:
-            self.in_flight -= 1
+            await edit.fail(send, exc)
             edit.close()
-            metrics.IN_FLIGHT.dec()
             self._observe(edit)
+            return
+        metrics.IN_FLIGHT.inc()
+        error: GatewayError | None = None
+        try:
+            try:
+                await edit.run(headers, send)
+            except GatewayError as exc:
+                if edit.response_started:
+                    log.warning("request %s: error after the answer began: %s", edit.request_id,
+                                exc)
+                else:
+                    error = exc
+            except ClientGone:
+                log.info("request %s: client disconnected", edit.request_id)
+            except httpx.TransportError as exc:
+                # The upstream broke off a JSON answer already under way: returning without
+                # completing it makes the server cut the connection, so the client sees a
+                # broken response rather than a wrong one.
+                log.warning("request %s: upstream failed mid-answer: %r", edit.request_id, exc)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not edit.timed_out or task is None or task.uncancel() != 0:
+                    raise  # a server shutdown, not the body watchdog
+                log.info("request %s: %s", edit.request_id, edit.timed_out)
+                error = RequestTimeout(edit.timed_out)
+            except Exception:
+                log.exception("request %s: internal error", edit.request_id)
+                if not edit.response_started:
+                    error = GatewayError("The gateway failed to handle the request.")
+            finally:
+                # The slot and the spool go back before any error is answered (a refused
+                # client's drain holds nothing).
+                self._give_slot(edit)
+                metrics.IN_FLIGHT.dec()
+                edit.release_spool()
+            if error is not None:
+                await edit.fail(send, error)
+        finally:
+            edit.close()
+            self._observe(edit)
+
+    def _take_slot(self, edit: _Edit) -> None:
+        """An edit slot of this instance, at most the key's own concurrency of them.
+
+        Taken when the head is read, before any body: a key's trickling or spooling requests
+        can fill only its own share, never the instance. The store still enforces the key's
+        concurrency across instances at admission.
+        """
+        principal = edit.principal
+        key = principal.id if isinstance(principal, KeyPrincipal) else None
+        if key is not None:
+            limit = principal.record.limits.max_concurrent or self.settings.max_in_flight_per_key
+            if self.by_key.get(key, 0) >= limit:
+                raise RateLimited(
+                    "Rate limit reached for concurrent requests on this API key. Try again in 1s.",
+                    headers={"retry-after": "1", "retry-after-ms": "1000"})
+        if self.in_flight >= self.settings.max_in_flight:
+            raise ServiceUnavailable("The gateway is at capacity; retry shortly.",
+                                     code="overloaded", headers={"retry-after": "1"})
+        self.in_flight += 1
+        if key is not None:
+            self.by_key[key] = self.by_key.get(key, 0) + 1
+        edit.slot_key = key
+
+    def _give_slot(self, edit: _Edit) -> None:
+        self.in_flight -= 1
+        key = edit.slot_key
+        if key is not None:
+            left = self.by_key[key] - 1
+            if left:
+                self.by_key[key] = left
+            else:
+                del self.by_key[key]
+
+    def spool_take(self, key: str | None, size: int) -> None:
+        """Account `size` more spooled bytes, or refuse (retryable) past either cap."""
+        settings = self.settings
+        if self.spooled + size > settings.max_spool_bytes or (
+                key is not None
+                and self.spooled_by_key.get(key, 0) + size > settings.max_spool_bytes_per_key):
+            raise ServiceUnavailable(
+                "The gateway holds too many uploads waiting for their text fields; retry "
+                "shortly, or send the text fields before the files.", code="spool_full",
+                headers={"retry-after": "1"})
+        self.spooled += size
+        if key is not None:
+            self.spooled_by_key[key] = self.spooled_by_key.get(key, 0) + size
+
+    def spool_give(self, key: str | None, size: int) -> None:
+        self.spooled -= size
+        if key is not None:
+            left = self.spooled_by_key[key] - size
+            if left:
+                self.spooled_by_key[key] = left
+            else:
+                del self.spooled_by_key[key]
 
     def _observe(self, edit: _Edit) -> None:
         """The request's metrics and its one log line."""
@@ -227,8 +296,18 @@ class _Edit:
         self.parsed = False  # ... and every part in it handled
         self.response_started = False
         self.response_done = False
-        self.client_gone = False
-        self.body_timed_out = False
+        self.client_gone = False  # left before the upstream had the whole request: cancelled
+        self.client_left = False  # left (or stopped reading) later: the answer is still metered
+        self.upload_done = False  # the upstream has the whole request body
+        self.upstream_waiting = False  # a body write waits on the upstream, not on the client
+        self.timed_out = ""  # why the body watchdog cancelled the request
+        self.expects_continue = False
+        self.receiving = False  # receive() was called: uvicorn has sent any `100 Continue`
+        self.slot_key: str | None = None
+        self.spooled = 0
+        self.text_bytes = 0
+        self.n_changed = False  # `n` arrived after admission
+        self.started = 0.0
         self.last_body = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[Any] | None = None
@@ -258,7 +337,6 @@ class _Edit:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.ep.max_body:
             raise RequestTooLarge(f"Request body is larger than {self.ep.max_body} bytes.")
-        self.principal = await self.ep.admission.authenticate(headers.get("authorization"))
         boundary = boundary_of(headers.get("content-type"))
         self._arm_body_watchdog()
         self._reader = MultipartReader(
@@ -288,13 +366,24 @@ class _Edit:
                 log.exception("request %s: admission finish failed", self.request_id)
 
     async def _admit(self, principal: Principal, spec: ModelSpec) -> Ticket:
-        n_value = self.values.get("n", "1").strip()  # unchecked for pass-through models
-        n = int(n_value) if n_value.isascii() and n_value.isdigit() else 1
-        n = max(1, n)
+        # `n` is normalized by the model's rule (pass-through models too): the value sent
+        # upstream is the value reserved.
+        n = self.rec.n = self._n()
         stream = self.values.get("stream") == "true"
-        self.rec.n = n
         return await self.ep.admission.admit(
             principal, EditRequest(self.request_id, spec, n, stream))
+
+    def _n(self) -> int:
+        return int(self.values.get("n", "1"))
+
+    async def _extend(self) -> None:
+        """`n` came after the files began streaming: reserve the difference before the upstream
+        request can complete (QuotaExceeded cuts it off)."""
+        self.n_changed = False
+        n = self._n()
+        if self.ticket is not None and n > self.rec.n:
+            await self.ticket.extend(n - self.rec.n)
+            self.rec.n = n
 
     async def _forward(self, live: bool, events: list[tuple[int, Any]], prepared: list[bytes],
                        ticket: Ticket, send: Send, outcome: Outcome) -> None:
@@ -349,21 +438,43 @@ class _Edit:
         await self.body_done.wait()
         while (await self.receive())["type"] != "http.disconnect":
             pass
-        if not self.response_started:
-            # Gone before the upstream answered: hang up on it, the reservation is given back.
+        if not self.response_started and not self.upload_done:
+            # Gone before the upstream had the whole request: hang up on it, the reservation
+            # is given back (an incomplete request is never served).
             self.client_gone = True
             main.cancel()
-        # Gone while the answer streams: read it to its end anyway (sends to a closed client
-        # are dropped), so its usage is counted.
+            return
+        # Gone once the upstream has the request: it does (and bills) the work, so its answer
+        # is still read to its end (sends to a closed client are dropped) and charged.
+        self.client_left = True
 
     # ------------------------------------------------------------------------- reading
     def _arm_body_watchdog(self) -> None:
         """One timer per request (not one per chunk): cancels the request when the client has
-        sent no body bytes for body_read_timeout while its body is unfinished (slow loris)."""
+        sent no body bytes for body_read_timeout while its body is unfinished (slow loris), or,
+        before admission, when its body arrives slower than min_body_rate on average."""
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        self.last_body = loop.time()
-        self._watchdog = loop.call_later(self.settings.body_read_timeout, self._check_body)
+        self.started = self.last_body = loop.time()
+        self._watchdog = loop.call_later(self._next_check(self.started), self._check_body)
+
+    def _next_check(self, now: float) -> float:
+        """Seconds until the body watchdog must look again; sets `timed_out` if it is over."""
+        settings = self.settings
+        if self.upstream_waiting:  # the gateway waits on the upstream: not the client's silence
+            wait = settings.body_read_timeout
+        else:
+            wait = self.last_body + settings.body_read_timeout - now
+            if wait <= 0:
+                self.timed_out = f"No request body bytes for {settings.body_read_timeout:g} seconds."
+        rate = settings.min_body_rate
+        if self.ticket is None and rate and not self.timed_out:
+            due = self.started + settings.body_rate_grace_seconds + self.received / rate
+            if due <= now:
+                self.timed_out = (f"The request body arrived slower than {rate} bytes a second "
+                                  "before the request could be admitted.")
+            wait = min(wait, due - now)
+        return wait
 
     def _check_body(self) -> None:
         # A method, not a closure that re-arms itself: no reference cycle keeps the request.
@@ -371,17 +482,16 @@ class _Edit:
         if self.body_done.is_set() or task is None or task.done():
             return
         loop = asyncio.get_running_loop()
-        limit = self.settings.body_read_timeout
-        idle = loop.time() - self.last_body
-        if idle >= limit:
-            self.body_timed_out = True
+        wait = self._next_check(loop.time())
+        if self.timed_out:
             task.cancel()
         else:
-            self._watchdog = loop.call_later(limit - idle, self._check_body)
+            self._watchdog = loop.call_later(wait, self._check_body)
 
     async def _read(self) -> list[tuple[int, Any]]:
         """The multipart events of the next body message, counting bytes against the limit."""
         assert self._reader is not None
+        self.receiving = True
         if self.spec is None:  # before the upstream opens: the client's pace, not the gateway's
             waited = time.perf_counter()
             message = await self.receive()
@@ -422,14 +532,14 @@ class _Edit:
         return False, []
 
     def _ready(self) -> bool:
-        """Fields are final enough to stream: the prompt seen (the model too, or the default
-        stands) and the combination valid.
+        """Fields are final enough to stream: the model and prompt seen and the combination
+        valid.
 
         A combination that fails may still be fixed by a later field (curl sends fields in any
         order), so it keeps the request spooling; the end of the body decides.
         """
-        if "prompt" not in self.fields:
-            return False
+        if "prompt" not in self.fields or "model" not in self.fields:
+            return False  # the upstream never opens before the model (and its rules) is known
         return self._accept_fields(final=False) is not None
 
     def _start_part(self, part: Part) -> None:
@@ -448,6 +558,10 @@ class _Edit:
             if name in self.fields or name in self.sent:
                 raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name,
                                      code="duplicate_parameter")
+            if self.spec is None and self.ep.catalog.unknown_field(name):
+                # No model takes it: refused now, not after the rest of the upload is read.
+                raise InvalidRequest(f"Unknown parameter: '{name}'.", param=name,
+                                     code="unknown_parameter")
             self._text.clear()
 
     def _new_upload(self, kind: str, client_name: str) -> Upload:
@@ -485,10 +599,15 @@ class _Edit:
         upload = self._upload
         if upload is None:
             self._text += data
+            self.text_bytes += len(data)
+            assert self._part is not None
             if len(self._text) > self.settings.max_field_bytes:
-                assert self._part is not None
                 raise InvalidRequest(f"'{self._part.name}' is too long.", param=self._part.name,
                                      code="string_above_max_length")
+            if self.text_bytes > self.settings.max_text_bytes:
+                raise InvalidRequest(
+                    f"The text fields are longer than {self.settings.max_text_bytes} bytes "
+                    "together.", param=self._part.name, code="text_too_large")
             return
         upload.size += len(data)
         limit = self._size_limit(upload)
@@ -515,7 +634,12 @@ class _Edit:
         elif self.spec is not None:
             out.append(data)
         if self.spec is None:
+            self.ep.spool_take(self._spool_key(), len(data))
+            self.spooled += len(data)
             self._spool().write(data)
+
+    def _spool_key(self) -> str | None:
+        return self.principal.id if isinstance(self.principal, KeyPrincipal) else None
 
     def _end_part(self, out: list[bytes]) -> None:
         """Finish the current part; when streaming live, add what goes upstream to out."""
@@ -626,23 +750,19 @@ class _Edit:
         return out
 
     def _late_field(self, name: str, raw: str) -> None:
-        """A text field after streaming began: checked alone now, in combination at the end.
-
-        The fields admission decided on (model, n, stream) cannot change any more.
+        """A text field after streaming began (any order is valid, as at OpenAI): checked alone
+        now, in combination at the end. A late `n` extends the reservation before the upstream
+        request completes; a late `stream` is forwarded, and the answer is relayed as what the
+        upstream sends (JSON or SSE).
         """
         assert self.spec is not None
-        if name == "prompt":
-            raise InvalidRequest("Duplicate parameter: 'prompt'.", param=name,
+        if name in ("prompt", "model"):  # streaming begins only once both are known
+            raise InvalidRequest(f"Duplicate parameter: '{name}'.", param=name,
                                  code="duplicate_parameter")
-        if name == "model":
-            if raw.strip() != self.spec.name:
-                raise InvalidRequest("'model' must be sent before the image files.", param=name)
-            return
-        value = self._normalize(self.spec, name, raw)
-        if name in _ADMITTED and value != _ADMITTED[name]:
-            raise InvalidRequest(f"'{name}' must be sent before the image files.", param=name)
-        self.values[name] = value
+        self.values[name] = self._normalize(self.spec, name, raw)
         self.sent.append(name)
+        if name == "n":
+            self.n_changed = True
 
     def _size_limit(self, upload: Upload) -> int:
         spec = self.spec
@@ -740,6 +860,18 @@ class _Edit:
 
     async def _upstream_body(self, live: bool, events: list[tuple[int, Any]],
                              prepared: list[bytes]) -> AsyncIterator[bytes]:
+        """The upstream body, with the time each write waits on the upstream (backpressure)
+        kept off the client's body-read clock; `upload_done` once the upstream has it all."""
+        loop = asyncio.get_running_loop()
+        async for chunk in self._body_chunks(live, events, prepared):
+            self.upstream_waiting = True
+            yield chunk
+            self.upstream_waiting = False
+            self.last_body = loop.time()
+        self.upload_done = True
+
+    async def _body_chunks(self, live: bool, events: list[tuple[int, Any]],
+                           prepared: list[bytes]) -> AsyncIterator[bytes]:
         """The upstream multipart body: fields, spooled files, then the client's parts as they
         arrive (or as already handled, in `prepared`).
 
@@ -766,6 +898,8 @@ class _Edit:
         if live:
             while True:
                 self._handle(events, out)
+                if self.n_changed:
+                    await self._extend()
                 if self.body_done.is_set():
                     break
                 if out:
@@ -789,17 +923,17 @@ class _Edit:
                       self.request_id, self.spec.upstream if self.spec else "")
             self.rec.upstream_error = "status"
             raise UpstreamUnavailable("The upstream rejected the gateway's credentials.")
-        if response.status_code >= 400 and not response.headers.get(
-                "content-type", "").startswith("application/json"):
-            # An error page from something in front of the upstream (a proxy's HTML, a plain
-            # "Internal Server Error"): the SDKs expect OpenAI's error shape, so wrap it.
-            head = b""
-            async for chunk in response.aiter_raw():  # the first bytes say enough
+        if response.status_code >= 400:
+            # Passed on in OpenAI's shape (a proxy's HTML page wrapped), without what would
+            # identify the operator's account; an error is small, so a bounded head says all.
+            head = bytearray()
+            async for chunk in response.aiter_raw():
                 head += chunk
-                if len(head) >= 300:
+                if len(head) >= _ERROR_BYTES:
                     break
-            text = head[:300].decode(errors="replace").strip()
-            raise _upstream_error(response.status_code, text)
+            raise UpstreamError(
+                response.status_code, bytes(head[:_ERROR_BYTES]), headers=response.headers,
+                is_json=response.headers.get("content-type", "").startswith("application/json"))
         limit = self.settings.max_response_bytes
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > limit:
@@ -818,9 +952,9 @@ class _Edit:
         framer = EventFramer(self.settings.max_event_bytes) if sse else None
         # Only a success is metered: an error answer carries no images and no usage.
         meter = UsageMeter(sse=sse) if response.status_code < 300 else None
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": headers})
         self.response_started = True
+        await self._send(send, {"type": "http.response.start", "status": response.status_code,
+                                "headers": headers})
         self.rec.status = response.status_code
         received = 0
         broken = False  # the upstream broke the answer off
@@ -835,11 +969,13 @@ class _Edit:
                 if meter is not None:
                     meter.feed(chunk)
                 self.rec.bytes_out += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await self._send(send, {"type": "http.response.body", "body": chunk,
+                                        "more_body": True})
             if framer is not None and (rest := framer.pending):
                 if meter is not None:
                     meter.feed(rest)
-                await send({"type": "http.response.body", "body": rest, "more_body": True})
+                await self._send(send, {"type": "http.response.body", "body": rest,
+                                        "more_body": True})
         except (httpx.TransportError, UpstreamResponseTooLarge) as exc:
             broken = True
             if isinstance(exc, UpstreamResponseTooLarge):
@@ -852,8 +988,8 @@ class _Edit:
                 raise  # cut the JSON answer off: a broken response, never a wrong one
             # The half-received event is dropped, so the error event stands on its own.
             event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
-            await send({"type": "http.response.body",
-                        "body": _STREAM_ERROR % event.encode(), "more_body": True})
+            await self._send(send, {"type": "http.response.body",
+                                    "body": _STREAM_ERROR % event.encode(), "more_body": True})
         if meter is not None:
             meter.close()
             # A whole answer with no image found in it is one the meter could not read (a
@@ -862,8 +998,21 @@ class _Edit:
             outcome.images = meter.images if meter.images or broken else None
             outcome.usage = meter.usage
         self.response_done = True  # from here a disconnect is the normal end, not a cancel
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         self.rec.end = time.perf_counter()
+
+    async def _send(self, send: Send, message: Message) -> None:
+        """Send part of the answer, unless the client left; a client that stops reading for
+        client_send_timeout counts as gone, and the rest of the answer is read and metered
+        without it (its slot and the upstream connection are not held hostage)."""
+        if self.client_left:
+            return
+        try:
+            async with asyncio.timeout(self.settings.client_send_timeout):
+                await send(message)
+        except TimeoutError:
+            log.info("request %s: the client stopped reading the answer", self.request_id)
+            self.client_left = True
 
     def _common_headers(self, ticket: Ticket | None = None) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -871,24 +1020,33 @@ class _Edit:
             headers += [(k.encode(), v.encode()) for k, v in ticket.headers.items()]
         return headers
 
-    async def fail(self, send: Send, exc: GatewayError, *, drain: bool = True) -> None:
-        """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts)."""
+    async def fail(self, send: Send, exc: GatewayError) -> None:
+        """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts).
+
+        A body not read to its end is read a little further (so a client that sends its whole
+        body before reading still sees the error), and then the connection is closed."""
         if self._watchdog is not None:
             self._watchdog.cancel()  # the drain below bounds its own waits
-        if drain and not self.body_done.is_set() and exc.status != 413:
-            waited = time.perf_counter()
-            await self._drain()
-            self.rec.client_seconds += time.perf_counter() - waited
+        headers = [(b"content-type", b"application/json")]
+        if not self.body_done.is_set():
+            headers.append((b"connection", b"close"))
+            # Reading would make uvicorn send `100 Continue`, inviting the very upload refused.
+            unasked = self.expects_continue and not self.receiving
+            if not (unasked or self.timed_out or exc.status == 413):
+                waited = time.perf_counter()
+                await self._drain()
+                self.rec.client_seconds += time.perf_counter() - waited
         body = exc.body()
-        headers = [(b"content-type", b"application/json"),
-                   (b"content-length", str(len(body)).encode()), *self._common_headers(self.ticket)]
+        headers += [(b"content-length", str(len(body)).encode()),
+                    *self._common_headers(self.ticket)]
         if self.ticket is None and self.principal is not None and exc.status != 429:
             # Authenticated but refused before admission: the key's limits, for the headers.
             rate = await self.ep.admission.headers_for(self.principal)
             headers += [(k.encode(), v.encode()) for k, v in rate.items()]
         headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
         self.rec.status = exc.status
-        if not self.rec.upstream_error:  # the gateway's own refusal, not the upstream's failure
+        if not self.rec.upstream_error and not isinstance(exc, UpstreamError):
+            # the gateway's own refusal, not the upstream's answer
             self.rec.rejection = metrics.rejection_reason(exc.status, exc.code)
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -896,31 +1054,34 @@ class _Edit:
         self.rec.end = time.perf_counter()
 
     async def _drain(self) -> None:
-        """Read and drop the rest of a rejected body (up to the size limit) so that clients,
-        which send their whole body before reading, see the error instead of a reset."""
+        """Read and drop a little more of a refused body (refusal_drain_bytes, for at most
+        refusal_drain_seconds), so that a client that sends a small body whole before reading
+        sees the error instead of a reset; a large or slow one is cut off."""
+        limit = self.received + self.settings.refusal_drain_bytes
+        self.receiving = True
         try:
-            while self.received <= self.ep.max_body:
-                async with asyncio.timeout(self.settings.body_read_timeout):
+            async with asyncio.timeout(self.settings.refusal_drain_seconds):
+                while self.received <= limit:
                     message = await self.receive()
-                if message["type"] == "http.disconnect":
-                    return
-                self.received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    return
-        except Exception:  # TimeoutError included: a silent client gets its error regardless
+                    if message["type"] == "http.disconnect":
+                        return
+                    self.received += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        self.body_done.set()
+                        return
+        except TimeoutError:  # a slow client gets its error regardless
             return
+
+    def release_spool(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if self.spooled:
+            self.ep.spool_give(self._spool_key(), self.spooled)
+            self.spooled = 0
 
     def close(self) -> None:
         self._task = None
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self.spool is not None:
-            self.spool.close()
-
-
-def _upstream_error(status: int, text: str) -> GatewayError:
-    # Built here, not in a local of the raising frame: that local and the exception's traceback
-    # would hold each other, and the frame's request with them, until a cyclic collection.
-    error = GatewayError(f"The upstream answered {status}: {text}", code="upstream_error")
-    error.status = status
-    return error
+        self.release_spool()

@@ -7,6 +7,9 @@ the route raises these, and only `GatewayError.body()` knows the JSON shape.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
+from typing import Any
 
 
 class SettingsError(Exception):
@@ -140,3 +143,44 @@ class QuotaExceeded(GatewayError):
     status = 429
     type = "insufficient_quota"
     code = "insufficient_quota"
+
+
+# What an upstream's error may carry that identifies the operator's account: API keys (OpenAI
+# echoes part of a wrong one), organisation and project ids.
+_IDENTIFIERS = re.compile(r"\b(sk-|org-|proj_)[A-Za-z0-9_\-*.]{4,}")
+_UPSTREAM_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
+
+
+def scrub(text: str) -> str:
+    return _IDENTIFIERS.sub(lambda m: m[1] + "***", text)
+
+
+class UpstreamError(GatewayError):
+    """The upstream's own error answer, passed on with its status, type, param and code, its
+    retry headers, and nothing that identifies the operator's account."""
+
+    def __init__(self, status: int, body: bytes, *, is_json: bool,
+                 headers: Mapping[str, str]) -> None:
+        error: Any = None
+        if is_json:
+            try:
+                error = json.loads(body).get("error")
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                error = None
+        if isinstance(error, dict):
+            message = str(error.get("message") or "")
+        else:  # a proxy's HTML page, a plain "Internal Server Error", a cut or odd body
+            text = body[:300].decode(errors="replace").strip()
+            message, error = f"The upstream answered {status}: {text}", {}
+        super().__init__(scrub(message), param=_text(error.get("param")),
+                         code=_text(error.get("code")) or "upstream_error",
+                         headers={k: headers[k] for k in _UPSTREAM_HEADERS if k in headers})
+        if "x-request-id" in headers:
+            self.headers["x-upstream-request-id"] = headers["x-request-id"]
+        self.status = status
+        self.type = _text(error.get("type")) or ("server_error" if status >= 500
+                                                 else "invalid_request_error")
+
+
+def _text(value: object) -> str | None:
+    return scrub(str(value)) if value is not None else None
