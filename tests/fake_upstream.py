@@ -46,6 +46,7 @@ class Recorded:
     completed: bool = False  # the whole body arrived and parsed
     aborted: bool = False  # the gateway hung up: mid-body, or while the answer was awaited
     bytes_received: int = 0
+    paused_at: int = 0  # body bytes received when reading paused (Behaviour.read_pause_at)
     fields: list[tuple[str, str]] = field(default_factory=list)
     files: list[RecordedFile] = field(default_factory=list)
 
@@ -72,6 +73,10 @@ class Behaviour:
     reset_after_bytes: int = 0  # drop the connection once this much body has arrived
     huge_answer: int = 0  # answer with this many bytes: JSON, or SSE with one event this long
     huge_content_length: bool = False  # ... announcing its length up front
+    # Stop reading the request body for read_pause_seconds once read_pause_at bytes of it have
+    # arrived (once per request): an upstream applying backpressure, not a silent client.
+    read_pause_at: int = 0
+    read_pause_seconds: float = 0.0
     usage: dict[str, Any] = field(default_factory=lambda: {
         "input_tokens": 50, "output_tokens": 200, "total_tokens": 250,
         "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}})
@@ -142,6 +147,11 @@ class FakeUpstream:
             async for chunk in request.stream():
                 body += chunk
                 record.bytes_received = len(body)
+                b = self.behaviour
+                if b.read_pause_seconds and not record.paused_at and len(body) >= b.read_pause_at:
+                    # uvicorn stops reading the socket while its buffer is full: TCP pushes back.
+                    record.paused_at = len(body)
+                    await asyncio.sleep(b.read_pause_seconds)
                 if 0 < self.behaviour.reset_after_bytes < len(body):
                     # Gives up on the upload: the server answers 500 and drops the connection.
                     raise ConnectionResetError("fake upstream drops the upload")
