@@ -84,15 +84,19 @@ class EventFramer:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events received so far (b"" if none yet)."""
-        if not self._buf and chunk.endswith(b"\n\n"):
+        if not self._buf and chunk.endswith((b"\n\n", b"\r\n\r\n")):
             return chunk  # the usual case: the upstream writes whole events
-        start = max(0, len(self._buf) - 3)
+        start = max(0, len(self._buf) - 2)
         self._buf += chunk
-        lf = self._buf.rfind(b"\n\n", start)
-        crlf = self._buf.rfind(b"\r\n\r\n", start)
-        end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+        # A blank line ends an event. Lines end in LF, CRLF or CR, so a blank line shows as
+        # "\n\n", "\n\r" or "\r\r" (the CRLF forms contain one of these); a CRLF is kept whole.
+        at = max(self._buf.rfind(b"\n\n", start), self._buf.rfind(b"\n\r", start),
+                 self._buf.rfind(b"\r\r", start))
         out = b""
-        if end:
+        if at >= 0:
+            end = at + 2
+            if self._buf[end - 1] == 13 and self._buf[end:end + 1] == b"\n":
+                end += 1  # the blank line ended in CRLF
             out = bytes(self._buf[:end])
             del self._buf[:end]
         if len(self._buf) > self.limit:
