@@ -171,10 +171,10 @@ class UpstreamError(GatewayError):
             message = str(error.get("message") or "")
         else:  # a proxy's HTML page, a plain "Internal Server Error", a cut or odd body
             text = body[:300].decode(errors="replace").strip()
-            message, error = f"The upstream answered {status}: {text}", {}
+            message, error = f"The upstream answered {status}: {text}", {"code": "upstream_error"}
         super().__init__(scrub(message), param=_text(error.get("param")),
-                         code=_text(error.get("code")) or "upstream_error",
                          headers={k: headers[k] for k in _UPSTREAM_HEADERS if k in headers})
+        self.code = _text(error.get("code"))
         if "x-request-id" in headers:
             self.headers["x-upstream-request-id"] = headers["x-request-id"]
         self.status = status
