@@ -203,6 +203,9 @@ class EditsEndpoint:
             if error is not None:
                 await edit.fail(send, error)
         finally:
+            # The error's traceback holds this frame, which holds the error: break the cycle so
+            # the request is freed now, not by the cycle collector.
+            error = None
             edit.close()
             self._observe(edit)
 
