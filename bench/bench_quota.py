@@ -137,7 +137,7 @@ def stack(logdir: Path) -> Iterator[Stack]:
 
 # ------------------------------------------------------------------------------ the key
 def make_store(url: str) -> RedisStore:
-    """A RedisStore as the gateway builds it (default timeout, lease ttl and burst)."""
+    """A RedisStore as the gateway builds it (default timeout and lease ttl)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from gateway.quota.redis_store import RedisStore
@@ -145,8 +145,7 @@ def make_store(url: str) -> RedisStore:
 
     fields = Settings.model_fields  # the defaults, not this shell's GATEWAY_* variables
     return RedisStore(url, timeout=fields["redis_timeout"].default,
-                      lease_ttl_ms=int(fields["lease_ttl_seconds"].default * 1000),
-                      rpm_burst_seconds=fields["rpm_burst_seconds"].default)
+                      lease_ttl_ms=int(fields["lease_ttl_seconds"].default * 1000))
 
 
 async def create_key(url: str, name: str = "bench", limits: dict[str, int] | None = None

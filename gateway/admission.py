@@ -34,6 +34,7 @@ from gateway.quota.base import (
     OK,
     RPM,
     UNKNOWN_KEY,
+    Decision,
     QuotaStore,
     StoreUnavailable,
     Usage,
@@ -76,6 +77,11 @@ class Ticket:
         self.headers = headers or {}
 
     async def finish(self, outcome: Outcome) -> None:
+        return None
+
+    async def extend(self, extra: int) -> None:
+        """Reserve `extra` more images (an `n` that arrived after admission); nothing to do
+        without a reservation."""
         return None
 
 
@@ -137,10 +143,33 @@ class QuotaTicket(Ticket):
     async def _renew_now(self) -> None:
         try:
             await self.admission.store.renew(self.key_id, self.lease)
-        except StoreUnavailable as exc:
+        except Exception as exc:  # never stop renewing over one failure
             log.warning("key %s: renewing a lease failed (%s)", self.key_id, exc)
         if not self._done:
             self._schedule()
+
+    async def extend(self, extra: int) -> None:
+        """Reserve `extra` more images for this request, as admission would have: 429 if the
+        day's images do not allow them; the store away follows the policy (503 fail closed,
+        allowed fail open). Settle then charges or releases the whole `n`."""
+        if extra <= 0 or self._done:
+            return
+        try:
+            decision = await self.admission.store.extend(self.key_id, self.lease, extra)
+        except StoreUnavailable as exc:
+            self.admission._unavailable(exc)  # raises when failing closed
+            self.n += extra  # fail open: no reservation, but an unknown answer counts them all
+            return
+        if decision.status == OK:
+            self.n += extra
+            self.headers.clear()
+            self.headers.update(rate_limit_headers(decision.windows))
+            return
+        if decision.status == UNKNOWN_KEY:
+            # The lease expired (renewals failed for a whole TTL): nothing holds this request.
+            raise ServiceUnavailable("The gateway lost this request's quota reservation; retry.",
+                                     headers={"retry-after": "1"})
+        raise _refusal(decision, rate_limit_headers(decision.windows))
 
     async def finish(self, outcome: Outcome) -> None:
         if self._done:
@@ -155,7 +184,7 @@ class QuotaTicket(Ticket):
         try:
             await self.admission.store.settle(self.key_id, self.lease, answered=answered,
                                               images=images, tokens=tokens)
-        except StoreUnavailable as exc:
+        except Exception as exc:  # any store failure: what the client receives never changes
             if not answered:
                 # Nothing to count: the lease expires by itself and gives the reservation back.
                 log.warning("key %s: releasing a lease failed (%s); it will expire",
@@ -175,7 +204,7 @@ class QuotaTicket(Ticket):
             try:
                 await self.admission.store.settle(self.key_id, self.lease, answered=True,
                                                   images=images, tokens=tokens)
-            except StoreUnavailable:
+            except Exception:
                 continue
             log.info("key %s: lease settled late", self.key_id)
             return
@@ -184,16 +213,19 @@ class QuotaTicket(Ticket):
 
 
 class QuotaAdmission(Admission):
-    """Per-key limits through a QuotaStore; key records cached for at most `cache_seconds`."""
+    """Per-key limits through a QuotaStore; key records cached for at most `cache_seconds`,
+    and believed while the store is away (failing open) for at most `stale_seconds`."""
 
     def __init__(self, store: QuotaStore, *, fail_open: bool, cache_seconds: float,
-                 lease_ttl_seconds: float, settle_retry_seconds: float = 600) -> None:
+                 lease_ttl_seconds: float, settle_retry_seconds: float = 600,
+                 stale_seconds: float = 300) -> None:
         self.store = store
         self.fail_open = fail_open
         self.cache_seconds = cache_seconds
+        self.stale_seconds = stale_seconds
         self.renew_every = lease_ttl_seconds / 3
         self.settle_retry_seconds = settle_retry_seconds
-        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}
+        self._cache: dict[str, tuple[float, KeyRecord | None]] = {}  # id: (read at, record)
         metrics.store_result(True)  # presumed up until a call says otherwise
 
     async def authenticate(self, authorization: str | None) -> Principal:
@@ -209,19 +241,21 @@ class QuotaAdmission(Admission):
     async def _record(self, key_id: str) -> KeyRecord | None:
         now = time.monotonic()
         cached = self._cache.get(key_id)
-        if cached is not None and cached[0] > now:
+        if cached is not None and now - cached[0] < self.cache_seconds:
             return cached[1]
         try:
             record = await self.store.get_key(key_id)
         except StoreUnavailable as exc:
             self._unavailable(exc)
-            if cached is None:  # fail open, but a key never seen cannot be told from a guess
+            # Fail open, but a key never seen (or not for `stale_seconds`: it may have been
+            # revoked since) cannot be told from a guess.
+            if cached is None or now - cached[0] > self.stale_seconds:
                 raise ServiceUnavailable("The gateway cannot check API keys right now; retry "
                                          "shortly.", headers={"retry-after": "1"}) from None
             return cached[1]
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[key_id] = (now + self.cache_seconds, record)
+        self._cache[key_id] = (now, record)
         return record
 
     def check_model(self, principal: Principal, model: str) -> None:
@@ -250,17 +284,7 @@ class QuotaAdmission(Admission):
         if decision.status == MODEL:
             raise Forbidden(f"This API key may not use model '{edit.model.name}'.", param="model",
                             code="model_not_allowed")
-        retry_ms = max(1, decision.retry_after_ms)
-        if decision.status in (RPM, CONCURRENCY):
-            what = "requests per minute" if decision.status == RPM else "concurrent requests"
-            headers |= {"retry-after": str(math.ceil(retry_ms / 1000)),
-                        "retry-after-ms": str(retry_ms)}
-            raise RateLimited(f"Rate limit reached for {what} on this API key. "
-                              f"Try again in {duration(retry_ms)}.", headers=headers)
-        what = "images per day" if decision.status == IMAGES else "tokens per month"
-        raise QuotaExceeded(
-            f"You exceeded this API key's quota of {what}; it resets in {duration(retry_ms)}.",
-            headers=headers | {"x-should-retry": "false"})
+        raise _refusal(decision, headers)
 
     async def headers_for(self, principal: Principal) -> dict[str, str]:
         try:
@@ -293,6 +317,22 @@ class QuotaAdmission(Admission):
 
     async def aclose(self) -> None:
         await self.store.aclose()
+
+
+def _refusal(decision: Decision, headers: dict[str, str]) -> RateLimited | QuotaExceeded:
+    """The 429 for a limit the store refused: rpm and concurrency are worth retrying after the
+    time given, spent images and tokens are not (x-should-retry: false)."""
+    retry_ms = max(1, decision.retry_after_ms)
+    if decision.status in (RPM, CONCURRENCY):
+        what = "requests per minute" if decision.status == RPM else "concurrent requests"
+        return RateLimited(f"Rate limit reached for {what} on this API key. "
+                           f"Try again in {duration(retry_ms)}.",
+                           headers=headers | {"retry-after": str(math.ceil(retry_ms / 1000)),
+                                              "retry-after-ms": str(retry_ms)})
+    what = "images per day" if decision.status == IMAGES else "tokens per month"
+    return QuotaExceeded(
+        f"You exceeded this API key's quota of {what}; it resets in {duration(retry_ms)}.",
+        headers=headers | {"x-should-retry": "false"})
 
 
 def _background(coro: Coroutine[Any, Any, None]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import re
 import sys
 import tomllib
@@ -307,15 +308,16 @@ def _details(record: KeyRecord, usage: dict[str, Any] | None) -> list[str]:
     if usage is not None:
         lines.append(f"usage:    {usage['in_flight']} in flight")
         for name, w in usage["limits"].items():
-            used = "" if name == "requests" else f"{w['used']} used, "
+            # requests: the last 60 s; "resets in" is when the next one of them leaves it
             limit = (f"limit {w['limit']}, {w['remaining']} remaining, resets in "
                      f"{_duration(w['reset_seconds'])}" if w["limit"] else "no limit")
-            lines.append(f"  {name:<9} {used}{limit}")
+            lines.append(f"  {name:<9} {w['used']} used, {limit}")
     return lines
 
 
 def _duration(seconds: float) -> str:
-    s = round(seconds)
+    """Whole seconds rounded up, as retry-after: "resets in" is never sooner than the reset."""
+    s = math.ceil(seconds)
     for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60),
                                       ("m", 60, "s", 1)):
         if s >= size:

@@ -127,7 +127,9 @@ async def revoke_key(store: QuotaStore, key_id: str) -> KeyRecord | None:
 
 
 def usage_view(usage: Usage | None) -> dict[str, Any] | None:
-    """Usage in the shape GET /v1/usage answers (limit 0: unlimited)."""
+    """Usage in the shape GET /v1/usage answers (limit 0: unlimited), the same numbers the
+    x-ratelimit-* headers carry: for requests, used is the admissions of the last 60 s and reset
+    when remaining next grows, so remaining is what the next requests get."""
     if usage is None:
         return None
     return {"in_flight": usage.in_flight,

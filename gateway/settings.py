@@ -119,7 +119,6 @@ class Settings(BaseSettings):
     # Leases are renewed while their request runs, so this only bounds how long a dead
     # instance's reservations and concurrency slots linger.
     lease_ttl_seconds: float = Field(60.0, ge=3)
-    rpm_burst_seconds: float = Field(10.0, gt=0)  # requests/minute may burst this many seconds
     # An answered request whose settle fails (Redis away) is retried this long, so usage served
     # through an outage is still counted; settles are idempotent (quota.lua keeps expired leases
     # a day, hence the cap).

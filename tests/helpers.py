@@ -34,7 +34,7 @@ def multipart(parts: list[Part], boundary: str = "XyZ-boundary") -> tuple[bytes,
 
 
 def _store(url: str) -> RedisStore:
-    return RedisStore(url, timeout=1, lease_ttl_ms=1000, rpm_burst_seconds=1)
+    return RedisStore(url, timeout=1, lease_ttl_ms=1000)
 
 
 def make_key(url: str, models: tuple[str, ...] = (), name: str = "test",

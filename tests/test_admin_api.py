@@ -42,11 +42,10 @@ def assert_error(response: httpx.Response, status: int, code: str | None = None)
 @pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
     if request.param == "memory":
-        s: QuotaStore = MemoryStore(lease_ttl_ms=60_000, rpm_burst_seconds=10.0)
+        s: QuotaStore = MemoryStore(lease_ttl_ms=60_000)
     else:
         proc = request.getfixturevalue("redis_server")
-        s = RedisStore(f"redis://{proc.host}:{proc.port}/0", timeout=1.0, lease_ttl_ms=60_000,
-                       rpm_burst_seconds=10.0)
+        s = RedisStore(f"redis://{proc.host}:{proc.port}/0", timeout=1.0, lease_ttl_ms=60_000)
     yield s
     if isinstance(s, RedisStore):
         await s.redis.flushdb()  # our own redis-server, started for this suite
@@ -188,8 +187,7 @@ async def test_store_unavailable_is_503() -> None:
     with socket.socket() as s:  # a loopback port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=0.5, lease_ttl_ms=60_000,
-                       rpm_burst_seconds=10.0)
+    store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=0.5, lease_ttl_ms=60_000)
     async with client_for(store) as api:
         assert_error(await api.get("/admin/keys", headers=AUTH), 503, "service_unavailable")
         response = await api.post("/admin/keys", json={"name": "x"}, headers=AUTH)

@@ -43,7 +43,7 @@ def redis_url(hardening_redis) -> Iterator[str]:  # pytest-redis's executor
 def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
           ) -> Callable[..., GatewayProcess]:
     def start(config: str | None = None, **settings: object) -> GatewayProcess:
-        return start_gateway(config, redis_url=redis_url, rpm_burst_seconds=1, **settings)
+        return start_gateway(config, redis_url=redis_url, **settings)
     return start
 
 

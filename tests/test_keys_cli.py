@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -57,7 +58,7 @@ def redis_url(redis_server: object) -> Iterator[str]:
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    s = RedisStore(redis_url, timeout=1.0, lease_ttl_ms=60_000, rpm_burst_seconds=10.0)
+    s = RedisStore(redis_url, timeout=1.0, lease_ttl_ms=60_000)
     yield s
     await s.aclose()
 
@@ -89,10 +90,13 @@ async def test_create_show_list_update_revoke_in_redis(redis_url: str, store: Re
     images = shown["usage"]["limits"]["images"]
     assert (images["limit"], images["used"], images["remaining"]) == (100, 2, 98)
     assert images["reset_seconds"] > 0
-    assert shown["usage"]["limits"]["requests"]["limit"] == 60
+    requests = shown["usage"]["limits"]["requests"]  # the admission above, in the last 60 s
+    assert (requests["limit"], requests["used"], requests["remaining"]) == (60, 1, 59)
+    assert 59 < requests["reset_seconds"] <= 60  # when it leaves the window
 
     text = ok(run("show", key_id, env=env))
     assert "alice" in text and "1 in flight" in text and "2 used" in text
+    assert re.search(r"requests  1 used, limit 60, 59 remaining, resets in (1m 0s|5\ds)\n", text)
 
     listed = json.loads(ok(run("list", "--json", env=env)))
     assert [k["id"] for k in listed["data"]] == [key_id]

@@ -317,7 +317,7 @@ def test_a_keyed_gateway_counts_and_checks_fields_sent_after_the_images(
     n=2 on a key with one image left is 429 and a late model the key may not use is 403, each
     before the upstream request completes; the same late fields within the key's rights are
     served and counted."""
-    gw = start_gateway(redis_url=redis_url, rpm_burst_seconds=1)
+    gw = start_gateway(redis_url=redis_url)
     _, one_image = make_key(redis_url, name="one-image", images_per_day=1)
     _, four_images = make_key(redis_url, name="four-images", images_per_day=4)
     _, default_only = make_key(redis_url, name="default-only", models=("gpt-image-1",))

@@ -12,7 +12,17 @@ import pytest
 from pytest_redis import factories
 
 from gateway.keys import KeyRecord, Limits
-from gateway.quota.base import CONCURRENCY, IMAGES, MODEL, OK, RPM, TOKENS, UNKNOWN_KEY, QuotaStore
+from gateway.quota.base import (
+    CONCURRENCY,
+    IMAGES,
+    MODEL,
+    OK,
+    RPM,
+    TOKENS,
+    UNKNOWN_KEY,
+    Decision,
+    QuotaStore,
+)
 from gateway.quota.memory import MemoryStore
 from gateway.quota.redis_store import RedisStore
 from tests import redis_nodes
@@ -20,6 +30,7 @@ from tests import redis_nodes
 redis_server = factories.redis_proc(port=None)
 
 MakeStore = Callable[..., QuotaStore]
+TOPOLOGIES = ("memory", "redis", "cluster", "sentinel")
 
 
 @pytest.fixture(scope="session")
@@ -34,30 +45,35 @@ def redis_sentinel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
+@pytest.fixture(params=TOPOLOGIES)
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[MakeStore]:
     stores: list[QuotaStore] = []
 
-    def make(lease_ttl_ms: int = 60_000, rpm_burst_seconds: float = 1.0) -> QuotaStore:
-        if request.param == "memory":
-            store: QuotaStore = MemoryStore(lease_ttl_ms=lease_ttl_ms,
-                                            rpm_burst_seconds=rpm_burst_seconds)
-        else:
-            if request.param == "redis":
-                proc = request.getfixturevalue("redis_server")
-                url = f"redis://{proc.host}:{proc.port}/0"
-            else:  # one node's URL: the store finds out it is a cluster / asks the Sentinel
-                url = request.getfixturevalue(f"redis_{request.param}")
-            store = RedisStore(url, timeout=1.0, lease_ttl_ms=lease_ttl_ms,
-                               rpm_burst_seconds=rpm_burst_seconds)
+    def make(lease_ttl_ms: int = 60_000) -> QuotaStore:
+        store = build(request, request.param, lease_ttl_ms)
         stores.append(store)
         return store
 
     yield make
     for store in stores:
-        if isinstance(store, RedisStore):
-            await store.redis.flushall()  # our own redis-servers, started for this suite
-        await store.aclose()
+        await close(store)
+
+
+def build(request: pytest.FixtureRequest, topology: str, lease_ttl_ms: int = 60_000) -> QuotaStore:
+    if topology == "memory":
+        return MemoryStore(lease_ttl_ms=lease_ttl_ms)
+    if topology == "redis":
+        proc = request.getfixturevalue("redis_server")
+        url = f"redis://{proc.host}:{proc.port}/0"
+    else:  # one node's URL: the store finds out it is a cluster / asks the Sentinel
+        url = request.getfixturevalue(f"redis_{topology}")
+    return RedisStore(url, timeout=1.0, lease_ttl_ms=lease_ttl_ms)
+
+
+async def close(store: QuotaStore) -> None:
+    if isinstance(store, RedisStore):
+        await store.redis.flushall()  # our own redis-servers, started for this suite
+    await store.aclose()
 
 
 async def new_key(store: QuotaStore, **limits: int) -> tuple[KeyRecord, str]:
@@ -141,16 +157,134 @@ async def test_concurrency_slots(make_store: MakeStore) -> None:
     assert (await store.admit(record.hash, "m", 1, "d")).status == OK
 
 
-async def test_requests_per_minute_are_smooth(make_store: MakeStore) -> None:
-    store = make_store(rpm_burst_seconds=1.0)
-    record, _ = await new_key(store, rpm=120)  # one per 500 ms, a burst of 2
-    statuses = [(await store.admit(record.hash, "m", 1, lease(i))) for i in range(3)]
-    assert [d.status for d in statuses] == [OK, OK, RPM]
-    assert statuses[0].windows["requests"].remaining == 1
-    assert 0 < statuses[2].retry_after_ms <= 500
-    await asyncio.sleep(statuses[2].retry_after_ms / 1000 + 0.02)
-    assert (await store.admit(record.hash, "m", 1, lease())).status == OK
-    assert (await store.admit(record.hash, "m", 1, lease())).status == RPM  # no double burst
+def requests(decision: Decision) -> tuple[int, int, int]:
+    w = decision.windows["requests"]
+    return w.used, w.remaining, w.reset_ms
+
+
+async def test_requests_per_minute_are_a_sliding_window(make_store: MakeStore) -> None:
+    store = make_store()
+    record, _ = await new_key(store, rpm=3)
+    first = await store.admit(record.hash, "m", 1, lease(1))
+    used, remaining, reset = requests(first)
+    assert first.status == OK and (used, remaining) == (1, 2)  # the answer counts itself
+    assert 59_000 < reset <= 60_000  # when this one leaves the window
+    await asyncio.sleep(0.5)
+    second, third = [await store.admit(record.hash, "m", 1, lease(i)) for i in (2, 3)]
+    assert (second.status, third.status) == (OK, OK)
+    assert requests(second)[:2] == (2, 1) and requests(third)[:2] == (3, 0)
+    assert 58_500 < requests(third)[2] <= 59_500  # still the oldest's departure, not the newest
+    refused = await store.admit(record.hash, "m", 1, lease(4))
+    assert refused.status == RPM
+    assert refused.retry_after_ms == requests(refused)[2]  # retry exactly when room is made
+    assert 58_500 < refused.retry_after_ms <= 59_500
+    usage = await store.usage(record.id)
+    assert usage is not None
+    w = usage.windows["requests"]
+    assert (w.limit, w.used, w.remaining) == (3, 3, 0)  # the refusal was not counted
+    assert refused.retry_after_ms - 100 <= w.reset_ms <= refused.retry_after_ms
+
+
+async def test_a_changed_rpm_applies_to_the_next_request(make_store: MakeStore) -> None:
+    store = make_store()
+    record, _ = await new_key(store, rpm=2)
+    assert (await store.admit(record.hash, "m", 1, lease(1))).status == OK
+    await asyncio.sleep(0.5)
+    assert (await store.admit(record.hash, "m", 1, lease(2))).status == OK
+    assert (await store.admit(record.hash, "m", 1, lease(3))).status == RPM
+    await store.update_key(record.id, replace(record, limits=Limits(rpm=3)))
+    raised = await store.admit(record.hash, "m", 1, lease(4))
+    assert raised.status == OK and requests(raised)[:2] == (3, 0)
+    # Lowered below what the window holds: remaining never negative, and the wait is until
+    # enough have left for one more (the newest of the three), not until the oldest leaves.
+    await store.update_key(record.id, replace(record, limits=Limits(rpm=1)))
+    lowered = await store.admit(record.hash, "m", 1, lease(5))
+    assert lowered.status == RPM and requests(lowered)[:2] == (3, 0)
+    assert 59_700 < lowered.retry_after_ms <= 60_000
+    await store.update_key(record.id, replace(record, limits=Limits(rpm=0)))
+    unlimited = await store.admit(record.hash, "m", 1, lease(6))
+    assert unlimited.status == OK and "requests" not in unlimited.windows
+
+
+@pytest.fixture
+async def every_store(request: pytest.FixtureRequest) -> AsyncIterator[list[QuotaStore]]:
+    stores = [build(request, topology) for topology in TOPOLOGIES]
+    yield stores
+    for store in stores:
+        await close(store)
+
+
+async def test_the_requests_window_slides_exactly(every_store: list[QuotaStore]) -> None:
+    """A minute of real time, every topology at once: an admission leaves the window exactly
+    60 s after it was made, and the one refused in between is told exactly when."""
+
+    async def scenario(store: QuotaStore) -> None:
+        record, _ = await new_key(store, rpm=3)
+        t0 = time.monotonic()
+        assert (await store.admit(record.hash, "m", 1, lease("a"))).status == OK
+        await asyncio.sleep(1.0)
+        assert [(await store.admit(record.hash, "m", 1, lease(i))).status for i in "bcd"] == [
+            OK, OK, RPM]
+        while time.monotonic() < t0 + 60.2:  # "a" has left then; "b" and "c" leave at 61
+            # Not idle meanwhile: pytest-redis's server closes connections idle for 30 s.
+            await asyncio.sleep(min(10.0, t0 + 60.2 - time.monotonic()))
+            await store.usage(record.id)
+        after = await store.admit(record.hash, "m", 1, lease("e"))
+        assert after.status == OK and requests(after)[:2] == (3, 0)
+        refused = await store.admit(record.hash, "m", 1, lease("f"))
+        assert refused.status == RPM and 500 < refused.retry_after_ms <= 850
+        await asyncio.sleep(refused.retry_after_ms / 1000 + 0.05)
+        assert [(await store.admit(record.hash, "m", 1, lease(i))).status for i in "ghi"] == [
+            OK, OK, RPM]
+        usage = await store.usage(record.id)
+        assert usage is not None and usage.windows["requests"].used == 3  # e, g, h
+
+    await asyncio.gather(*(scenario(store) for store in every_store))
+
+
+async def test_extend_adds_to_a_live_reservation(make_store: MakeStore) -> None:
+    store = make_store(lease_ttl_ms=300)
+    record, _ = await new_key(store, images_per_day=5)
+    assert (await store.admit(record.hash, "m", 2, "a")).status == OK
+    grown = await store.extend(record.id, "a", 2)
+    assert grown.status == OK and grown.windows["images"].used == 4
+    assert grown.windows["images"].remaining == 1
+    refused = await store.extend(record.id, "a", 2)  # 6 > 5: refused, nothing changes
+    assert refused.status == IMAGES and refused.windows["images"].used == 4
+    assert 0 < refused.retry_after_ms <= 86_400_000
+    assert (await store.extend(record.id, "never-admitted", 1)).status == UNKNOWN_KEY
+    # The upstream failed: the whole reservation, n + extra, comes back.
+    await store.settle(record.id, "a", answered=False, images=0, tokens=0)
+    usage = await store.usage(record.id)
+    assert usage is not None and usage.windows["images"].used == 0 and usage.in_flight == 0
+    assert (await store.extend(record.id, "a", 1)).status == UNKNOWN_KEY  # settled: gone
+
+    # Answered: what the answer carried is charged in place of the grown reservation.
+    assert (await store.admit(record.hash, "m", 1, "b")).status == OK
+    assert (await store.extend(record.id, "b", 3)).status == OK
+    assert (await store.admit(record.hash, "m", 2, "c")).status == IMAGES  # 4 held + 2 > 5
+    await store.settle(record.id, "b", answered=True, images=3, tokens=0)
+    usage = await store.usage(record.id)
+    assert usage is not None and usage.windows["images"].used == 3
+
+    # A lease that expired gave its reservation back: there is nothing left to extend.
+    assert (await store.admit(record.hash, "m", 1, "lost")).status == OK
+    await asyncio.sleep(0.4)
+    assert (await store.extend(record.id, "lost", 1)).status == UNKNOWN_KEY
+    usage = await store.usage(record.id)
+    assert usage is not None and usage.windows["images"].used == 3
+
+
+async def test_extend_without_an_images_limit(make_store: MakeStore) -> None:
+    store = make_store()
+    record, _ = await new_key(store, rpm=10)
+    assert (await store.admit(record.hash, "m", 1, "a")).status == OK
+    grown = await store.extend(record.id, "a", 100)
+    assert grown.status == OK and grown.windows["images"].used == 101
+    assert requests(grown)[:2] == (1, 9)  # extending is not another request
+    await store.settle(record.id, "a", answered=True, images=101, tokens=0)
+    usage = await store.usage(record.id)
+    assert usage is not None and usage.windows["images"].used == 101
 
 
 async def test_unsettled_leases_expire_and_heal(make_store: MakeStore) -> None:
@@ -183,13 +317,6 @@ async def test_a_settle_retried_counts_once(make_store: MakeStore) -> None:
     usage = await store.usage(record.id)
     assert usage is not None and usage.in_flight == 0
     assert (usage.windows["images"].used, usage.windows["tokens"].used) == (5, 110)
-
-
-async def test_burst_rounds_half_up(make_store: MakeStore) -> None:
-    store = make_store(rpm_burst_seconds=10.0)
-    record, _ = await new_key(store, rpm=15)  # 2.5 requests' worth of burst: 3, in both stores
-    statuses = [(await store.admit(record.hash, "m", 1, lease(i))).status for i in range(4)]
-    assert statuses == [OK, OK, OK, RPM]
 
 
 async def test_an_update_never_undoes_a_revocation(make_store: MakeStore) -> None:

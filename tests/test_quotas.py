@@ -3,7 +3,14 @@ the fake upstream, and the official SDK as the client."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -13,10 +20,15 @@ import openai
 import pytest
 from pytest_redis import factories
 
+from gateway.admission import Admission, EditRequest, Outcome, QuotaAdmission, QuotaTicket, Ticket
+from gateway.catalog import Catalog, ModelSpec
+from gateway.errors import QuotaExceeded, ServiceUnavailable
 from gateway.keys import KeyRecord, Limits
+from gateway.quota.redis_store import RedisStore
+from gateway.settings import Settings
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit, flush, make_key, put_key, usage_of
+from tests.helpers import edit, edit_head, flush, make_key, multipart, put_key, usage_of
 from tests.images import png
 
 quota_redis = factories.redis_proc(port=None)
@@ -33,7 +45,7 @@ def redis_url(quota_redis) -> Iterator[str]:  # pytest-redis's executor
 def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
           ) -> Callable[..., GatewayProcess]:
     def start(**settings: object) -> GatewayProcess:
-        return start_gateway(redis_url=redis_url, rpm_burst_seconds=1, **settings)
+        return start_gateway(redis_url=redis_url, **settings)
     return start
 
 
@@ -103,12 +115,16 @@ def test_reservations_come_back_when_no_answer(keyed, redis_url: str, upstream: 
         edit(sdk(gw, secret), n=3)
     assert usage_of(gw.url, secret)["limits"]["images"]["used"] == 0
 
-    # The client leaves while the upstream is still generating: hung up, given back.
+    # The client leaves mid-upload, the upstream request under way: hung up, given back. (Once
+    # the upstream has the whole request it is charged: tests/test_hardening.py.)
     upstream.reset()
-    upstream.behaviour.delay_headers = 5
-    with pytest.raises(openai.APITimeoutError):
-        edit(sdk(gw, secret, timeout=0.5), n=3)
-    upstream.wait_for(lambda: upstream.records and upstream.records[-1].aborted, timeout=3)
+    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None), ("n", "3", None),
+                             ("image", png(size=4_000_000), "a.png")])
+    with socket.create_connection(("127.0.0.1", gw.port)) as s:
+        s.sendall(edit_head(body, ctype, secret) + body[: len(body) // 2])
+        upstream.wait_for(lambda: upstream.records and upstream.records[-1].bytes_received > 0)
+    upstream.wait_for(lambda: upstream.records[-1].aborted, timeout=3)
+    assert not upstream.records[-1].completed
     deadline = time.monotonic() + 3
     while usage_of(gw.url, secret)["limits"]["images"]["used"] != 0:
         assert time.monotonic() < deadline, "reservation was not given back"
@@ -132,20 +148,67 @@ def test_tokens_are_settled_from_the_answer(keyed, redis_url: str, upstream: Fak
     assert info.value.code == "insufficient_quota"
 
 
+def seconds(duration: str) -> float:
+    """An x-ratelimit-reset-* duration (20ms, 59.981s, 1m0s, 1h2m3s) in seconds."""
+    if duration.endswith("ms"):
+        return int(duration[:-2]) / 1000
+    total, number = 0.0, ""
+    for char in duration:
+        if char.isdigit() or char == ".":
+            number += char
+        else:
+            total += float(number) * {"h": 3600, "m": 60, "s": 1}[char]
+            number = ""
+    return total
+
+
 def test_requests_per_minute(keyed, redis_url: str, upstream: FakeUpstream) -> None:
+    """rpm as users read it: rpm requests in any 60 s, what the headers, /v1/usage and
+    `gateway keys show` say is what the next request gets, and a changed rpm applies at once."""
     gw = keyed()
-    _, secret = make_key(redis_url, rpm=60)  # one a second, no burst (rpm_burst_seconds=1)
-    raw = sdk(gw, secret).images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")
-    assert raw.headers["x-ratelimit-limit-requests"] == "60"
-    assert raw.headers["x-ratelimit-remaining-requests"] == "0"
+    record, secret = make_key(redis_url, rpm=3)
+    client = sdk(gw, secret)
+    raw = client.images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert raw.headers["x-ratelimit-limit-requests"] == "3"
+    assert raw.headers["x-ratelimit-remaining-requests"] == "2"
+    assert 59 < seconds(raw.headers["x-ratelimit-reset-requests"]) <= 60
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # the other two, at once
+        answers = list(pool.map(lambda _: client.images.with_raw_response.edit(
+            model="gpt-image-1", image=png(), prompt="x"), range(2)))
+    assert sorted(a.headers["x-ratelimit-remaining-requests"] for a in answers) == ["0", "1"]
     with pytest.raises(openai.RateLimitError) as info:
-        edit(sdk(gw, secret))
+        edit(client)
     headers = info.value.response.headers
-    assert info.value.code == "rate_limit_exceeded"
-    assert 0 < int(headers["retry-after-ms"]) <= 1000 and headers["retry-after"] == "1"
-    time.sleep(int(headers["retry-after-ms"]) / 1000 + 0.05)
-    edit(sdk(gw, secret))
-    assert len(upstream.completed) == 2
+    assert info.value.code == "rate_limit_exceeded" and headers["x-ratelimit-remaining-requests"] == "0"
+    reset = seconds(headers["x-ratelimit-reset-requests"])
+    assert 58 < reset <= 60 and int(headers["retry-after-ms"]) == round(reset * 1000)
+    assert int(headers["retry-after"]) == math.ceil(reset)
+    requests = usage_of(gw.url, secret)["limits"]["requests"]
+    assert (requests["limit"], requests["used"], requests["remaining"]) == (3, 3, 0)
+    assert reset - 1 < requests["reset_seconds"] <= reset
+    shown = json.loads(ok(keys("show", record.id, "--json", redis_url=redis_url)))
+    assert shown["usage"]["limits"]["requests"]["used"] == 3
+    assert "requests  3 used, limit 3, 0 remaining" in ok(keys("show", record.id,
+                                                               redis_url=redis_url))
+
+    ok(keys("update", record.id, "--rpm", "5", redis_url=redis_url))
+    raw = client.images.with_raw_response.edit(model="gpt-image-1", image=png(), prompt="x")
+    assert raw.headers["x-ratelimit-limit-requests"] == "5"  # at once, not seconds later
+    assert raw.headers["x-ratelimit-remaining-requests"] == "1"
+    assert len(upstream.completed) == 4
+
+
+def keys(*args: str, redis_url: str) -> subprocess.CompletedProcess[str]:
+    """`gateway keys ARGS` as an operator runs it, on the Redis at `redis_url`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_REDIS_URL"] = redis_url
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "keys", *args], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+def ok(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def test_concurrency_limit(keyed, redis_url: str, upstream: FakeUpstream) -> None:
@@ -320,3 +383,86 @@ def test_usage_is_counted_when_the_client_leaves_mid_answer(keyed, redis_url: st
         assert time.monotonic() < deadline, usage_of(gw.url, secret)
         time.sleep(0.1)
     assert usage_of(gw.url, secret)["in_flight"] == 0
+
+
+# ------------------------------------------------------------- admission on a real Redis, in-process
+@pytest.fixture
+def gpt_image() -> ModelSpec:
+    return Catalog.from_settings(Settings()).resolve("gpt-image-1")
+
+
+async def test_a_ticket_extends_its_reservation(redis_url: str, quota_redis,
+                                                gpt_image: ModelSpec) -> None:
+    """`n` learnt after admission: reserved like admission's (429 and nothing changes when the
+    day's images do not allow it), then released or charged as a whole; with the store away,
+    the policy decides."""
+    store = RedisStore(redis_url, timeout=0.2, lease_ttl_ms=60_000)
+    closed = QuotaAdmission(store, fail_open=False, cache_seconds=1, lease_ttl_seconds=60)
+    open_ = QuotaAdmission(store, fail_open=True, cache_seconds=1, lease_ttl_seconds=60)
+    record, secret = KeyRecord.new("x", Limits(images_per_day=6))
+    await store.put_key(record)
+    principal = await closed.authenticate(f"Bearer {secret}")
+
+    async def admit(admission: QuotaAdmission, n: int = 1) -> Ticket:
+        return await admission.admit(principal, EditRequest("req", gpt_image, n, False))
+
+    async def images_used() -> int:
+        usage = await store.usage(record.id)
+        assert usage is not None
+        return usage.windows["images"].used
+
+    ticket = await admit(closed)
+    await ticket.extend(2)
+    assert isinstance(ticket, QuotaTicket) and ticket.n == 3
+    assert ticket.headers["x-ratelimit-remaining-images"] == "3"  # the answer's headers follow
+    with pytest.raises(QuotaExceeded) as refused:
+        await ticket.extend(4)
+    assert refused.value.status == 429 and "images per day" in refused.value.message
+    assert refused.value.headers["x-should-retry"] == "false"
+    assert refused.value.headers["x-ratelimit-remaining-images"] == "3"
+    assert ticket.n == 3 and await images_used() == 3
+    await ticket.finish(Outcome(answered=False))  # the upstream never answered: all 3 back
+    assert await images_used() == 0
+
+    ticket = await admit(closed)
+    await ticket.extend(1)
+    await ticket.finish(Outcome(answered=True, status=200))  # images unknown: n is charged
+    assert await images_used() == 2
+
+    fail_closed, fail_open = await admit(closed), await admit(open_)
+    quota_redis.stop()
+    try:
+        with pytest.raises(ServiceUnavailable) as away:
+            await fail_closed.extend(1)
+        assert away.value.status == 503 and away.value.headers["retry-after"] == "1"
+        await fail_open.extend(2)  # admitted: an answer of unknown size is charged as 3
+        assert isinstance(fail_open, QuotaTicket) and fail_open.n == 3
+    finally:
+        quota_redis.start()
+        for t in (fail_closed, fail_open):
+            await t.finish(Outcome(answered=False))
+        await store.aclose()
+    open_ticket = await Admission().admit(principal, EditRequest("req", gpt_image, 1, False))
+    await open_ticket.extend(3)  # the open gateway reserves nothing: nothing to do
+
+
+async def test_failing_open_believes_a_key_for_stale_seconds_only(
+        redis_url: str, quota_redis) -> None:
+    """While the store is away, a key seen recently still works (fail open), but one not
+    re-read for `stale_seconds` may have been revoked meanwhile: it gets 503."""
+    store = RedisStore(redis_url, timeout=0.2, lease_ttl_ms=60_000)
+    admission = QuotaAdmission(store, fail_open=True, cache_seconds=0.1, lease_ttl_seconds=60,
+                               stale_seconds=1.0)
+    record, secret = KeyRecord.new("x", Limits())
+    await store.put_key(record)
+    await admission.authenticate(f"Bearer {secret}")
+    quota_redis.stop()
+    try:
+        await asyncio.sleep(0.3)  # past cache_seconds: the store is asked, and is away
+        assert (await admission.authenticate(f"Bearer {secret}")).id == record.id
+        await asyncio.sleep(0.8)  # the record was read 1.1 s ago
+        with pytest.raises(ServiceUnavailable):
+            await admission.authenticate(f"Bearer {secret}")
+    finally:
+        quota_redis.start()
+        await store.aclose()

@@ -14,13 +14,12 @@ def build_store(settings: Settings) -> QuotaStore | None:
     if settings.redis_url:
         from gateway.quota.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, timeout=settings.redis_timeout,
-                          lease_ttl_ms=lease_ms, rpm_burst_seconds=settings.rpm_burst_seconds)
+        return RedisStore(settings.redis_url, timeout=settings.redis_timeout, lease_ttl_ms=lease_ms)
     if not settings.keys and settings.admin_key is None:
         return None
     from gateway.quota.memory import MemoryStore
 
-    store = MemoryStore(lease_ttl_ms=lease_ms, rpm_burst_seconds=settings.rpm_burst_seconds)
+    store = MemoryStore(lease_ttl_ms=lease_ms)
     for key_id, entry in settings.keys.items():
         store.seed(KeyRecord(
             id=key_id, hash=entry.hash, name=entry.name, created=entry.created,

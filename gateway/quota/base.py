@@ -7,7 +7,6 @@ instances, exact across all of them: every check-and-reserve is one Lua script) 
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
@@ -56,8 +55,8 @@ class Snapshot:
     """A key's counters as a store reads them (quota.lua's reply, field for field)."""
 
     rpm: int
-    req_remaining: int
-    req_reset_ms: int
+    requests: int  # admissions in the last 60 s
+    req_reset_ms: int  # until the requests' remaining next grows (0: nothing in the window)
     images_per_day: int
     images: int
     day_reset_ms: int
@@ -70,7 +69,8 @@ class Snapshot:
         """Images and tokens always (limit 0: none), requests when the key has an rpm."""
         out = {}
         if self.rpm:
-            out["requests"] = Window(self.rpm, 0, self.req_remaining, self.req_reset_ms)
+            out["requests"] = Window(self.rpm, self.requests, max(0, self.rpm - self.requests),
+                                     self.req_reset_ms)
         out["images"] = Window(self.images_per_day, self.images,
                                max(0, self.images_per_day - self.images), self.day_reset_ms)
         out["tokens"] = Window(self.tokens_per_month, self.tokens,
@@ -78,12 +78,7 @@ class Snapshot:
         return out
 
 
-def burst_interval(rpm: int, burst_seconds: float) -> tuple[float, float]:
-    """GCRA emission interval and tolerance (ms) for `rpm` a minute with `burst_seconds` worth
-    of requests allowed at once; rounded half up, as quota.lua does."""
-    interval = 60_000 / rpm
-    burst = max(1, math.floor(rpm * burst_seconds / 60 + 0.5))
-    return interval, (burst - 1) * interval
+RPM_WINDOW_MS = 60_000  # requests per minute: admissions in any sliding 60 s, as quota.lua
 
 
 class QuotaStore(ABC):
@@ -111,7 +106,18 @@ class QuotaStore(ABC):
     async def admit(self, key_hash: str, model: str, n: int, lease: str) -> Decision:
         """Check every limit of the key and take all reservations or none: one request slot
         (rpm), one concurrency slot and `n` images, held by `lease` until `settle` or until
-        the lease expires. Also re-checks the key (status, hash) and the model, atomically."""
+        the lease expires. Also re-checks the key (status, hash) and the model, atomically.
+
+        Requests per minute is an exact sliding window: at most `rpm` admissions in any 60 s;
+        an admission refused for it (RPM) retries once the window makes room."""
+
+    @abstractmethod
+    async def extend(self, key_id: str, lease: str, extra: int) -> Decision:
+        """Add `extra` (>= 0) images to a live lease's reservation and to the day's count, if
+        images_per_day allows: OK; else IMAGES (retry at the day's reset) and nothing changes;
+        UNKNOWN_KEY when the lease no longer exists (settled or expired). For an `n` learnt
+        after admission (the field came after the upload started), so the reservation that
+        settle releases is the whole request's."""
 
     @abstractmethod
     async def settle(self, key_id: str, lease: str, *, answered: bool, images: int,

@@ -6,7 +6,7 @@ It follows quota.lua step for step; the contract tests hold the two to the same 
 
 from __future__ import annotations
 
-import math
+import bisect
 import time
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -18,13 +18,13 @@ from gateway.quota.base import (
     MODEL,
     OK,
     RPM,
+    RPM_WINDOW_MS,
     TOKENS,
     UNKNOWN_KEY,
     Decision,
     QuotaStore,
     Snapshot,
     Usage,
-    burst_interval,
 )
 
 
@@ -43,19 +43,18 @@ _EXPIRED_KEEP_MS = 86_400_000  # as quota.lua's expired_keep_ms
 
 @dataclass
 class _Counters:
-    tat: int = 0
     day: int = -1
     images: int = 0
     month: int = -1
     tokens: int = 0
     leases: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # lease: expiry, day, n
     expired: dict[str, int] = field(default_factory=dict)  # lease: when it expired
+    requests: list[tuple[int, str]] = field(default_factory=list)  # (admitted at, lease), sorted
 
 
 class MemoryStore(QuotaStore):
-    def __init__(self, *, lease_ttl_ms: int, rpm_burst_seconds: float) -> None:
+    def __init__(self, *, lease_ttl_ms: int) -> None:
         self.lease_ttl_ms = lease_ttl_ms
-        self.rpm_burst_seconds = rpm_burst_seconds
         self._keys: dict[str, KeyRecord] = {}
         self._counters: dict[str, _Counters] = {}
 
@@ -108,17 +107,24 @@ class MemoryStore(QuotaStore):
                     del c.expired[lease]
         return c
 
+    @staticmethod
+    def _requests(c: _Counters, rpm: int, now: int) -> tuple[int, int]:
+        """(admissions in the last 60 s, ms until remaining next grows), as quota.lua's
+        requests(): the window is trimmed first, and only while the key has an rpm."""
+        if not rpm:
+            return 0, 0
+        del c.requests[:bisect.bisect_right(c.requests, now - RPM_WINDOW_MS, key=lambda r: r[0])]
+        used = len(c.requests)
+        if not used:
+            return 0, 0
+        return used, c.requests[max(0, used - rpm)][0] + RPM_WINDOW_MS - now
+
     def _snapshot(self, record: KeyRecord | None, c: _Counters, now: int) -> Snapshot:
         limits = record.limits if record else None
         rpm = limits.rpm if limits else 0
-        remaining = reset = 0
-        if rpm:
-            interval, tau = burst_interval(rpm, self.rpm_burst_seconds)
-            base = max(c.tat, now)
-            remaining = max(0, math.floor((now + tau - base) / interval) + 1)
-            reset = max(0, base - now)
+        used, reset = self._requests(c, rpm, now)
         _, day_reset, _, month_reset = periods(now)
-        return Snapshot(rpm, remaining, reset, limits.images_per_day if limits else 0, c.images,
+        return Snapshot(rpm, used, reset, limits.images_per_day if limits else 0, c.images,
                         day_reset, limits.tokens_per_month if limits else 0, c.tokens,
                         month_reset, len(c.leases))
 
@@ -139,17 +145,16 @@ class MemoryStore(QuotaStore):
         if limits.max_concurrent and len(c.leases) >= limits.max_concurrent:
             return answer(CONCURRENCY, 1000)
         if limits.rpm:
-            interval, tau = burst_interval(limits.rpm, self.rpm_burst_seconds)
-            allow_at = max(c.tat, now) - tau
-            if now < allow_at:
-                return answer(RPM, math.ceil(allow_at - now))
+            used, reset = self._requests(c, limits.rpm, now)
+            if used >= limits.rpm:
+                return answer(RPM, reset)
         if limits.images_per_day and c.images + n > limits.images_per_day:
             return answer(IMAGES, periods(now)[1])
         if limits.tokens_per_month and c.tokens >= limits.tokens_per_month:
             return answer(TOKENS, periods(now)[3])
-        if limits.rpm:
-            c.tat = math.ceil(max(c.tat, now) + interval)
         c.images += n
+        if limits.rpm:
+            bisect.insort(c.requests, (now, lease))
         c.leases[lease] = (now + self.lease_ttl_ms, c.day, n)
         return answer(OK)
 
@@ -166,6 +171,29 @@ class MemoryStore(QuotaStore):
             if expired or today:  # a reservation from an earlier day was charged to that day
                 c.images += images
             c.tokens += tokens
+
+    async def extend(self, key_id: str, lease: str, extra: int) -> Decision:
+        if extra < 0:
+            raise ValueError("extend adds images: extra >= 0")
+        record = self._keys.get(key_id)
+        now = self._now()
+        c = self._open(key_id, now)
+
+        def answer(status: str, retry: int = 0) -> Decision:
+            return Decision(status, retry, self._snapshot(record, c, now).windows())
+
+        held = c.leases.get(lease)
+        if held is None:
+            return answer(UNKNOWN_KEY)
+        expiry, lease_day, n = held
+        if lease_day == c.day:
+            ipd = record.limits.images_per_day if record else 0
+            if ipd and c.images + extra > ipd:
+                return answer(IMAGES, periods(now)[1])
+            c.images += extra
+        # else reserved on a day now over: its count is gone, nothing to check or charge
+        c.leases[lease] = (expiry, lease_day, n + extra)
+        return answer(OK)
 
     async def renew(self, key_id: str, lease: str) -> None:
         c = self._counters.get(key_id)

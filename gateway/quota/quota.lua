@@ -2,13 +2,15 @@
 -- Redis's own clock. gateway/quota/memory.py is its in-process twin; the contract tests in
 -- tests/test_quota_store.py hold the two to the same behaviour.
 -- KEYS (all share the key's hash tag, so one cluster slot):
---   1 record (hash), 2 usage (hash: tat day img month tok), 3 leases (zset lease -> expiry ms),
---   4 reservations (hash lease -> "day:n"), 5 expired leases (zset lease -> when it expired)
--- ARGV[1] = 'admit': 2 key hash, 3 model, 4 n, 5 lease id, 6 lease ttl ms, 7 rpm burst seconds
+--   1 record (hash), 2 usage (hash: day img month tok), 3 leases (zset lease -> expiry ms),
+--   4 reservations (hash lease -> "day:n"), 5 expired leases (zset lease -> when it expired),
+--   6 requests (zset lease -> admission ms: the last 60 s of admissions, while rpm is set)
+-- ARGV[1] = 'admit': 2 key hash, 3 model, 4 n, 5 lease id, 6 lease ttl ms
 -- ARGV[1] = 'settle': 2 lease id, 3 answered (1/0), 4 images to count, 5 tokens to count
 -- ARGV[1] = 'renew': 2 lease id, 3 lease ttl ms
--- ARGV[1] = 'usage': 2 rpm burst seconds
--- admit and usage return {status, retry_ms, rpm, req_remaining, req_reset_ms, ipd, img_used,
+-- ARGV[1] = 'extend': 2 lease id, 3 extra images
+-- ARGV[1] = 'usage'
+-- admit, extend and usage return {status, retry_ms, rpm, req_used, req_reset_ms, ipd, img_used,
 --   day_reset_ms, tpm, tok_used, month_reset_ms, in_flight}
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
@@ -52,10 +54,9 @@ if ARGV[1] == 'renew' then
   return renewed
 end
 
-local u = redis.call('HMGET', KEYS[2], 'tat', 'day', 'img', 'month', 'tok')
-local tat = tonumber(u[1]) or 0
-local img = (tonumber(u[2]) == day) and (tonumber(u[3]) or 0) or 0
-local tok = (tonumber(u[4]) == month) and (tonumber(u[5]) or 0) or 0
+local u = redis.call('HMGET', KEYS[2], 'day', 'img', 'month', 'tok')
+local img = (tonumber(u[1]) == day) and (tonumber(u[2]) or 0) or 0
+local tok = (tonumber(u[3]) == month) and (tonumber(u[4]) or 0) or 0
 
 -- Drop a lease and its reservation: whether it was held, and the images it held today (a
 -- reservation from an earlier day was charged to that day's counter, now gone).
@@ -73,7 +74,7 @@ local function release(lease)
 end
 
 local function save()
-  redis.call('HSET', KEYS[2], 'tat', tat, 'day', day, 'img', img, 'month', month, 'tok', tok)
+  redis.call('HSET', KEYS[2], 'day', day, 'img', img, 'month', month, 'tok', tok)
   redis.call('PEXPIRE', KEYS[2], 40 * 86400000)
 end
 
@@ -111,31 +112,48 @@ local rec = redis.call('HMGET', KEYS[1], 'hash', 'status', 'models', 'rpm', 'ima
   'tokens_per_month', 'max_concurrent')
 local rpm, ipd, tpm, conc = tonumber(rec[4]) or 0, tonumber(rec[5]) or 0, tonumber(rec[6]) or 0,
   tonumber(rec[7]) or 0
-local burst_seconds = tonumber(ARGV[1] == 'usage' and ARGV[2] or ARGV[7])
-local interval, tau = 0, 0
-if rpm > 0 then
-  interval = 60000 / rpm
-  tau = (math.max(1, math.floor(rpm * burst_seconds / 60 + 0.5)) - 1) * interval
-end
 local day_reset = (day + 1) * 86400000 - now
 local ny, nm = y, m + 1
 if nm > 12 then ny, nm = y + 1, 1 end
 local month_reset = days_from_civil(ny, nm, 1) * 86400000 - now
 
--- The requests window as it stands for a TAT: how many would pass now, and until refilled.
-local function requests(at)
+-- Requests per minute: an exact sliding window of the admissions of the last 60 s, trimmed
+-- here, so a changed rpm applies to the very next request. Returns how many are in the window
+-- and the ms until its remaining next grows: until the oldest admission leaves it, or with
+-- more than rpm inside (rpm was lowered), until enough have left for one more to pass.
+local window_ms = 60000
+if rpm > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[6], '-inf', now - window_ms) end
+local function requests()
   if rpm == 0 then return 0, 0 end
-  local base = math.max(at, now)
-  return math.max(0, math.floor((now + tau - base) / interval) + 1), math.max(0, base - now)
+  local used = redis.call('ZCARD', KEYS[6])
+  if used == 0 then return 0, 0 end
+  local at = redis.call('ZRANGE', KEYS[6], math.max(0, used - rpm), math.max(0, used - rpm),
+    'WITHSCORES')
+  return used, tonumber(at[2]) + window_ms - now
 end
 
 local function answer(status, retry)
-  local remaining, reset = requests(tat)
-  return {status, retry, rpm, remaining, reset, ipd, img, day_reset, tpm, tok, month_reset,
+  local used, reset = requests()
+  return {status, retry, rpm, used, reset, ipd, img, day_reset, tpm, tok, month_reset,
           redis.call('ZCARD', KEYS[3])}
 end
 
 if ARGV[1] == 'usage' then return answer('ok', 0) end
+
+if ARGV[1] == 'extend' then
+  -- More images for a live lease: checked and charged like admission's, or nothing changes.
+  local r = redis.call('HGET', KEYS[4], ARGV[2])
+  if not r then return answer('unknown_key', 0) end
+  local rday, rn = string.match(r, '^(%d+):(%d+)$')
+  local extra = tonumber(ARGV[3])
+  if tonumber(rday) == day then
+    if ipd > 0 and img + extra > ipd then return answer('images', day_reset) end
+    img = img + extra
+    save()
+  end  -- else reserved on a day now over: its count is gone, nothing to check or charge
+  redis.call('HSET', KEYS[4], ARGV[2], rday .. ':' .. (tonumber(rn) + extra))
+  return answer('ok', 0)
+end
 
 if rec[1] ~= ARGV[2] or rec[2] ~= 'active' then return answer('unknown_key', 0) end
 local models = rec[3] or ''
@@ -146,15 +164,18 @@ local n = tonumber(ARGV[4])
 
 if conc > 0 and redis.call('ZCARD', KEYS[3]) >= conc then return answer('concurrency', 1000) end
 if rpm > 0 then
-  local allow_at = math.max(tat, now) - tau
-  if now < allow_at then return answer('rpm', math.ceil(allow_at - now)) end
+  local used, reset = requests()
+  if used >= rpm then return answer('rpm', reset) end
 end
 if ipd > 0 and img + n > ipd then return answer('images', day_reset) end
 if tpm > 0 and tok >= tpm then return answer('tokens', month_reset) end
 
-if rpm > 0 then tat = math.ceil(math.max(tat, now) + interval) end
 img = img + n
 save()
+if rpm > 0 then
+  redis.call('ZADD', KEYS[6], now, ARGV[5])
+  redis.call('PEXPIRE', KEYS[6], window_ms)
+end
 redis.call('ZADD', KEYS[3], now + tonumber(ARGV[6]), ARGV[5])
 redis.call('HSET', KEYS[4], ARGV[5], day .. ':' .. n)
 redis.call('PEXPIRE', KEYS[3], keep_ms + tonumber(ARGV[6]))

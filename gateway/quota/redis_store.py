@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, TypeVar
@@ -22,12 +23,13 @@ from gateway.quota.base import Decision, QuotaStore, Snapshot, StoreUnavailable,
 T = TypeVar("T")
 _SCRIPT = resources.files("gateway.quota").joinpath("quota.lua").read_text()
 _ALL_KEYS = "gw:keys"  # ids of every key, for listing
+log = logging.getLogger("gateway.quota")
 
 
 def _keys(key_id: str) -> list[str]:
     tag = "{" + key_id + "}"  # one hash tag: one cluster slot for the script
     return [f"gw:{tag}:key", f"gw:{tag}:use", f"gw:{tag}:lease", f"gw:{tag}:resv",
-            f"gw:{tag}:expired"]
+            f"gw:{tag}:expired", f"gw:{tag}:reqs"]
 
 
 def _fields(record: KeyRecord) -> dict[str, str | int]:
@@ -44,6 +46,11 @@ def _record(key_id: str, raw: dict[str, str]) -> KeyRecord:
         limits=Limits(**{k: int(raw.get(k, 0)) for k in Limits().as_dict()}),
         models=tuple(m for m in raw.get("models", "").split(",") if m),
         metadata=json.loads(raw.get("metadata") or "{}"))
+
+
+def _decision(out: list[Any]) -> Decision:
+    """quota.lua's answer: status, retry ms, then a Snapshot's fields."""
+    return Decision(out[0], int(out[1]), Snapshot(*(int(v) for v in out[2:])).windows())
 
 
 def connect(url: str, timeout: float) -> Any:
@@ -66,30 +73,36 @@ def connect(url: str, timeout: float) -> Any:
 
 
 class RedisStore(QuotaStore):
-    def __init__(self, url: str, *, timeout: float, lease_ttl_ms: int,
-                 rpm_burst_seconds: float) -> None:
+    def __init__(self, url: str, *, timeout: float, lease_ttl_ms: int) -> None:
         self.url = url
         self.timeout = timeout
         self.redis = connect(url, timeout)
         self.lease_ttl_ms = lease_ttl_ms
-        self.rpm_burst_seconds = rpm_burst_seconds
         self._script = self.redis.register_script(_SCRIPT)
         self._checked = url.startswith("redis+sentinel://")  # Sentinel: never a cluster
         self._checking = asyncio.Lock()
 
     async def _ready(self) -> None:
         """On first use, switch to a cluster client if the node says it is part of a cluster,
-        so one node's URL is all a Redis Cluster needs."""
+        so one node's URL is all a Redis Cluster needs. The cluster client is initialised (slots,
+        nodes, commands) here, under the lock, before any request may use it: left to the first
+        commands, a burst of them would all start it at once and break each other's
+        connections."""
         async with self._checking:
             if self._checked:
                 return
             info = await self.redis.info("cluster")
             if info.get("cluster_enabled"):
-                plain = self.redis
-                self.redis = RedisCluster.from_url(
+                cluster = RedisCluster.from_url(
                     self.url, decode_responses=True, socket_timeout=self.timeout,
                     socket_connect_timeout=self.timeout)
-                self._script = self.redis.register_script(_SCRIPT)
+                try:
+                    await cluster.initialize()
+                except BaseException:
+                    await cluster.aclose()
+                    raise  # not checked: the next call tries again
+                plain, self.redis = self.redis, cluster
+                self._script = cluster.register_script(_SCRIPT)
                 await plain.aclose()
             self._checked = True
 
@@ -98,10 +111,15 @@ class RedisStore(QuotaStore):
             if not self._checked:
                 await self._ready()
             result = await op()
-        except (RedisError, OSError) as exc:
-            # Any Redis trouble (gone, slow, MOVED, OOM, read-only) is the store being away:
-            # the admission policy (fail closed or open) decides, never a 500.
+        except Exception as exc:
+            # Any trouble out of the client (Redis gone, slow, MOVED, OOM, read-only, or a
+            # connection the client itself broke) is the store being away: the admission
+            # policy (fail closed or open) decides, never a 500. Cancellation is not an
+            # Exception and passes through.
             metrics.store_result(False)
+            if not isinstance(exc, RedisError | OSError):
+                log.warning("quota store: unexpected %s from the Redis client", type(exc).__name__,
+                            exc_info=exc)
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         metrics.store_result(True)
         return result
@@ -147,8 +165,13 @@ class RedisStore(QuotaStore):
 
     async def admit(self, key_hash: str, model: str, n: int, lease: str) -> Decision:
         out = await self._run(id_for_hash(key_hash), "admit", key_hash, model, n, lease,
-                              self.lease_ttl_ms, self.rpm_burst_seconds)
-        return Decision(out[0], int(out[1]), Snapshot(*(int(v) for v in out[2:])).windows())
+                              self.lease_ttl_ms)
+        return _decision(out)
+
+    async def extend(self, key_id: str, lease: str, extra: int) -> Decision:
+        if extra < 0:
+            raise ValueError("extend adds images: extra >= 0")
+        return _decision(await self._run(key_id, "extend", lease, extra))
 
     async def settle(self, key_id: str, lease: str, *, answered: bool, images: int,
                      tokens: int) -> None:
@@ -160,7 +183,7 @@ class RedisStore(QuotaStore):
     async def usage(self, key_id: str) -> Usage | None:
         if await self.get_key(key_id) is None:
             return None
-        out = await self._run(key_id, "usage", self.rpm_burst_seconds)
+        out = await self._run(key_id, "usage")
         snap = Snapshot(*(int(v) for v in out[2:]))
         return Usage(snap.windows(), snap.in_flight)
 
