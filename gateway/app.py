@@ -46,6 +46,10 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.api(scope, receive, send)
+        elif _repeated_authorization(scope):
+            # Routes would each pick one of them (the first, the last): refuse them all alike.
+            await _refuse(send, InvalidRequest("Send one Authorization header, not several.",
+                                               code="duplicate_header"))
         elif scope["path"] == EDITS_PATH and scope["method"] == "POST":
             await self.edits(scope, receive, send)
         else:
@@ -79,10 +83,30 @@ class Gateway:
                                  "total_ms": round(total * 1000, 3), "rejection": rec.rejection})
 
 
+def _repeated_authorization(scope: Scope) -> bool:
+    seen = False
+    for name, _ in scope["headers"]:
+        if name == b"authorization":  # ASGI servers give header names in lower case
+            if seen:
+                return True
+            seen = True
+    return False
+
+
+async def _refuse(send: Send, exc: GatewayError) -> None:
+    """An error answer outside any route; the connection is closed, the body left unread."""
+    body = exc.body()
+    await send({"type": "http.response.start", "status": exc.status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 def create_app(settings: Settings | None = None, admission: Admission | None = None) -> Gateway:
     """Build the app; with no arguments, settings come from GATEWAY_CONFIG and the environment."""
     settings = settings or load_settings()
     logs.configure(settings.log_level, settings.log_format)
+    server.configure(settings)  # here, not in serve(): this runs in every worker process
     catalog = Catalog.from_settings(settings)
     upstreams = Upstreams(settings)
     if admission is None:
@@ -176,7 +200,8 @@ def _admission(settings: Settings) -> Admission:
     return QuotaAdmission(store, fail_open=settings.redis_failure == "open",
                           cache_seconds=settings.key_cache_seconds,
                           lease_ttl_seconds=settings.lease_ttl_seconds,
-                          settle_retry_seconds=settings.settle_retry_seconds)
+                          settle_retry_seconds=settings.settle_retry_seconds,
+                          stale_seconds=settings.key_stale_seconds)
 
 
 def _model(spec: ModelSpec) -> dict[str, object]:

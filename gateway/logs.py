@@ -32,6 +32,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """`LEVEL:logger: message` and then a record's `fields` as key=value pairs, the same fields
+    the JSON line carries (a text log is read by people and grepped, and needs the request id
+    and outcome as much as a JSON one).
+
+    A value is written as JSON writes it (numbers, true/false/null), a string bare (`key=` when
+    empty) unless it holds a space, quote, backslash, `=` or control character, then as a JSON
+    string: a prompt with newlines or a client's `"` can never break the line or forge a field.
+    """
+
+    _PLAIN = re.compile(r'[^\s"=\\\x00-\x1f\x7f]*')
+
+    def __init__(self) -> None:
+        super().__init__("%(levelname)s:%(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        fields = getattr(record, "fields", None)
+        if not fields:
+            return line
+        return line + " " + " ".join(f"{key}={self._value(value)}" for key, value in fields.items())
+
+    @classmethod
+    def _value(cls, value: Any) -> str:
+        if isinstance(value, str):
+            return value if cls._PLAIN.fullmatch(value) else json.dumps(value, ensure_ascii=False)
+        return json.dumps(value, ensure_ascii=False, default=str)
+
+
 class _DroppingQueueHandler(QueueHandler):
     """Hands records to a writer thread; when the writer cannot keep up (a full pipe, a slow
     disk), lines are dropped rather than stalling requests on the event loop."""
@@ -66,8 +95,7 @@ def configure(level: str, fmt: str) -> None:
     if _listener is not None:
         _listener.stop()
     stream = logging.StreamHandler()
-    stream.setFormatter(JsonFormatter() if fmt == "json" else
-                        logging.Formatter("%(levelname)s:%(name)s: %(message)s"))
+    stream.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     records: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=10_000)
     _listener = QueueListener(records, stream)
     _listener.start()

@@ -168,6 +168,57 @@ def test_dockerfile() -> None:
     assert argv[:2] == ["gateway", "serve"], argv
 
 
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _instructions()
+    return instructions[max(i for i, (word, _) in enumerate(instructions) if word == "FROM"):]
+
+
+def image_env() -> dict[str, str]:
+    """The environment the final stage's ENV instructions set (KEY=value form)."""
+    env: dict[str, str] = {}
+    for word, rest in _final_stage():
+        if word == "ENV":
+            pairs = shlex.split(rest)
+            assert all("=" in pair for pair in pairs), f"ENV not in KEY=value form: {rest}"
+            env.update(pair.split("=", 1) for pair in pairs)
+    return env
+
+
+def image_ports() -> tuple[int, int]:
+    """(API port, metrics port) of the container image."""
+    env = image_env()
+    return int(env["GATEWAY_PORT"]), int(env["GATEWAY_METRICS_PORT"])
+
+
+def test_dockerfile_serves_metrics_apart_from_the_api() -> None:
+    # /metrics carries every key's id and usage: by default the container serves it on its own
+    # port, which the load balancer does not proxy and only Prometheus scrapes.
+    api, metrics = image_ports()
+    assert metrics != api
+    final = _final_stage()
+    exposed = {int(port.split("/")[0]) for word, rest in final if word == "EXPOSE"
+               for port in rest.split()}
+    assert {api, metrics} <= exposed, exposed
+    [health] = [rest for word, rest in final if word == "HEALTHCHECK"]
+    assert f"127.0.0.1:{api}/healthz" in health
+
+
+def test_compose_keeps_metrics_off_the_public_ports(compose: dict) -> None:
+    api, metrics = image_ports()
+    for name in ("gateway-1", "gateway-2"):
+        gateway = compose["services"][name]
+        env = gateway["environment"]
+        env = env if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
+        assert str(env.get("GATEWAY_METRICS_PORT", metrics)) == str(metrics), name
+        assert not gateway.get("ports"), f"{name} publishes ports: only nginx should"
+    published = [str(port) for service in compose["services"].values()
+                 for port in service.get("ports", [])]
+    assert not any(port.split(":")[-1].split("/")[0] == str(metrics) for port in published)
+    # nginx proxies the API port of each gateway, never the metrics port.
+    upstreams = re.findall(r"^\s*server\s+(gateway-\d+):(\d+)", NGINX_CONF.read_text(), re.M)
+    assert sorted(upstreams) == [("gateway-1", str(api)), ("gateway-2", str(api))], upstreams
+
+
 def test_dockerignore() -> None:
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}

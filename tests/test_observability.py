@@ -7,8 +7,10 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -188,9 +190,75 @@ def test_one_json_line_per_request_and_traces(start_gateway, upstream: FakeUpstr
     assert len(upstream.last().headers["traceparent"].split("-")[1]) == 32  # started here
 
 
+_TEXT_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def _access_line(gw: GatewayProcess, request_id: str) -> str:
+    deadline = time.monotonic() + 5  # the line is written by a thread after the answer
+    while True:
+        found = [line for line in gw.log().splitlines()
+                 if "gateway.access" in line and request_id in line]
+        if found or time.monotonic() > deadline:
+            assert len(found) == 1, gw.log()[-2000:]
+            return found[0]
+        time.sleep(0.05)
+
+
+def _text_fields(line: str) -> dict[str, object]:
+    """key=value pairs of a text access line: JSON strings, numbers, true/false/null, or bare."""
+    prefix = "INFO:gateway.access: request "
+    assert line.startswith(prefix), line
+    rest = line[len(prefix):]
+    pairs = _TEXT_FIELD.findall(rest)
+    assert " ".join(f"{k}={v}" for k, v in pairs) == rest, line  # nothing else on the line
+    fields: dict[str, object] = {}
+    for key, raw in pairs:
+        try:
+            fields[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key] = raw
+    return fields
+
+
+def test_text_log_lines_carry_every_field_of_the_json_line(start_gateway,
+                                                          upstream: FakeUpstream) -> None:
+    record, secret = KeyRecord.new("obs", Limits())
+    config = f'[keys.{record.id}]\nhash = "{record.hash}"\n'
+    lines = {}
+    prompt = 'a "quoted" plan\nwith key=value'
+    for fmt in ("json", "text"):
+        gw = start_gateway(config=config, log_format=fmt, log_prompts="true")
+        rid = f"req-{fmt}-{uuid.uuid4().hex}"
+        client(gw, secret).images.edit(model="gpt-image-1", image=png(), prompt=prompt, n=2,
+                                       extra_headers={"x-request-id": rid})
+        other = f"req-{fmt}-{uuid.uuid4().hex}"
+        assert httpx.get(f"{gw.url}/v1/models", headers={
+            "x-request-id": other, "authorization": f"Bearer {secret}"}).status_code == 200
+        lines[fmt] = (_access_line(gw, rid), _access_line(gw, other))
+
+    for json_line, text_line in zip(*lines.values(), strict=True):
+        expected = json.loads(json_line)
+        for key in ("time", "level", "logger", "message"):
+            expected.pop(key)
+        fields = _text_fields(text_line)
+        assert fields.keys() == expected.keys(), text_line
+        for key in ("request_id", "trace_id", "client", "upstream_request_id", "bytes_out",
+                    "upstream_ms", "total_ms"):  # differ from one request to the next
+            if key in expected:
+                assert type(fields[key]) is type(expected[key]), (key, fields[key])
+                fields[key] = expected[key] = None
+        assert fields == expected, text_line
+    edit = _text_fields(lines["text"][0])
+    assert (edit["key_id"], edit["model"], edit["status"], edit["n"], edit["images"]) == \
+        (record.id, "gpt-image-1", 200, 2, 2)
+    assert edit["prompt"] == prompt and edit["rejection"] == ""
+
+
 def test_sigterm_drains_and_lets_uploads_finish(start_gateway, upstream: FakeUpstream) -> None:
     gw = start_gateway(drain_seconds=1.5, shutdown_timeout=20)
-    body = (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+    # model and prompt first: the upload is admitted, and streams upstream, before its end.
+    body = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ngpt-image-1\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
             b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
             + png(size=3_000_000) + b"\r\n--b--\r\n")
     released = asyncio.Event()
@@ -205,7 +273,10 @@ def test_sigterm_drains_and_lets_uploads_finish(start_gateway, upstream: FakeUps
             upload = asyncio.create_task(http.post(
                 f"{gw.url}/v1/images/edits", content=slow_body(),
                 headers={"content-type": "multipart/form-data; boundary=b"}))
-            while not upstream.records:  # noqa: ASYNC110 - the fake runs in another thread
+            deadline = time.monotonic() + 10
+            while not upstream.records:  # the fake runs in another thread
+                assert not upload.done(), (await upload).text
+                assert time.monotonic() < deadline, "the upload never reached the upstream"
                 await asyncio.sleep(0.02)
             gw.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)

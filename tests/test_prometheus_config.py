@@ -26,6 +26,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import metrics
+from tests.test_deploy_files import COMPOSE, image_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM_CONFIG = ROOT / "config" / "prometheus" / "prometheus.yml"
@@ -144,11 +145,16 @@ def test_scrape_config_targets_the_gateway() -> None:
     assert job.get("metrics_path", "/metrics") == "/metrics"
     targets = [t for static in job["static_configs"] for t in static["targets"]]
     assert targets and all(re.fullmatch(r"[\w.-]+:\d+", t) for t in targets), targets
+    # The compose stack's gateways, on the metrics port the container image sets (the API port
+    # serves no /metrics there).
+    _, metrics_port = image_ports()
+    gateways = sorted(name for name in _yaml(COMPOSE)["services"] if name.startswith("gateway-"))
+    assert sorted(targets) == [f"{name}:{metrics_port}" for name in gateways], targets
     assert config["global"]["scrape_interval"] == config["global"]["evaluation_interval"] == "15s"
 
 
 def _series(metric: str, values: str, **labels: str) -> dict[str, str]:
-    all_labels = {"job": JOB, "instance": "gateway-1:8080", **labels}
+    all_labels = {"job": JOB, "instance": "gateway-1:9100", **labels}
     selector = ", ".join(f'{k}="{v}"' for k, v in all_labels.items())
     return {"series": f"{metric}{{{selector}}}", "values": values}
 
@@ -165,7 +171,7 @@ def test_alerts_fire_on_promtool_test_data(tmp_path: Path) -> None:
         for rule in group["rules"]:
             rule.pop("annotations", None)
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
-    one = {"job": JOB, "instance": "gateway-1:8080"}
+    one = {"job": JOB, "instance": "gateway-1:9100"}
     model = "gpt-image-1"
     healthy = [  # 1 request/s, quota store never called yet (its gauge reads 0), no errors
         _series("up", "1x30"),
@@ -301,16 +307,17 @@ def test_grafana_provisioning() -> None:
 
 @contextmanager
 def _exporter(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A real gateway (conftest's start_gateway) serving /metrics, after one edit through the
-    fake upstream."""
+    """A real gateway (conftest's start_gateway) serving /metrics on its own port, as the
+    container does, after one edit through the fake upstream."""
     from tests.images import png
 
-    gw = request.getfixturevalue("start_gateway")()
-    assert httpx.get(f"{gw.url}/metrics", timeout=10).status_code == 200, "no /metrics"
+    port = _free_port()
+    gw = request.getfixturevalue("start_gateway")(metrics_port=port)
+    assert httpx.get(f"{gw.url}/metrics", timeout=10).status_code == 404, "/metrics on the API port"
     httpx.post(f"{gw.url}/v1/images/edits", headers={"authorization": "Bearer sk-client"},
                data={"model": "gpt-image-1", "prompt": "Add a hat"},
                files=[("image", ("cat.png", png(), "image/png"))], timeout=30)
-    yield f"127.0.0.1:{gw.port}"
+    yield f"127.0.0.1:{port}"
 
 
 @contextmanager

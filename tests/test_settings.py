@@ -8,6 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
 from gateway.catalog import Catalog
@@ -126,3 +128,36 @@ max_images = 2
     finally:
         os.environ.pop("TEST_OTHER_KEY", None)
         other.stop()
+
+
+ADMIN_KEY = "admin-0123456789abcdef"
+
+
+def test_admin_key_from_a_mounted_secret_loses_its_newline(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret file read into the environment or the config ends in a newline that no client
+    could ever send in its Authorization header."""
+    for key in [k for k in os.environ if k.startswith("GATEWAY_")]:
+        monkeypatch.delenv(key)
+    path = tmp_path / "g.toml"
+    path.write_text(f'admin_key = "{ADMIN_KEY}\\n"\n')
+    from_file = load_settings(path).admin_key
+    assert from_file is not None and from_file.get_secret_value() == ADMIN_KEY
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", f"  {ADMIN_KEY}\r\n")
+    from_env = load_settings().admin_key
+    assert from_env is not None and from_env.get_secret_value() == ADMIN_KEY
+    monkeypatch.setenv("GATEWAY_ADMIN_KEY", "\n")  # an empty secret file: no admin API
+    assert load_settings().admin_key is None
+
+
+def test_the_admin_api_accepts_the_key_without_its_newline(
+        start_gateway: Callable[..., GatewayProcess], upstream: FakeUpstream) -> None:
+    gw = start_gateway(admin_key=f"{ADMIN_KEY}\n")
+    created = httpx.post(f"{gw.url}/admin/keys", json={"name": "from-secret"},
+                         headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    assert created.status_code in (200, 201), created.text
+    assert created.json()["key"].startswith("sk-gw-")
+    assert httpx.get(f"{gw.url}/admin/keys", headers={
+        "authorization": f"Bearer {ADMIN_KEY}x"}).status_code == 401
+    sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=created.json()["key"], max_retries=0)
+    assert sdk.images.edit(model="gpt-image-1", image=png(), prompt="x").data

@@ -107,10 +107,28 @@ class Topology:
                              max_retries=0, timeout=30, **kwargs)  # type: ignore[arg-type]
 
 
+# Each gateway's /metrics port (by its API port): as in the container, metrics are served apart
+# from the API, on a port nginx does not proxy.
+_metrics_ports: dict[int, int] = {}
+
+
+def start_like_the_container(start_gateway: Callable[..., GatewayProcess],
+                             redis_url: str) -> GatewayProcess:
+    metrics_port = _free_port()
+    gw = start_gateway(redis_url=redis_url, forwarded_allow_ips="127.0.0.1",
+                       metrics_port=metrics_port)
+    _metrics_ports[gw.port] = metrics_port
+    return gw
+
+
+def metrics_url(gw: GatewayProcess) -> str:
+    return f"http://127.0.0.1:{_metrics_ports[gw.port]}/metrics"
+
+
 @contextlib.contextmanager
 def topology(start_gateway: Callable[..., GatewayProcess], redis_url: str) -> Iterator[Topology]:
-    gateways = (start_gateway(redis_url=redis_url, forwarded_allow_ips="127.0.0.1"),
-                start_gateway(redis_url=redis_url, forwarded_allow_ips="127.0.0.1"))
+    gateways = (start_like_the_container(start_gateway, redis_url),
+                start_like_the_container(start_gateway, redis_url))
     try:
         nginx = Nginx(gateways)
         try:
@@ -138,7 +156,7 @@ def topo(start_gateway: Callable[..., GatewayProcess], redis_url: str) -> Iterat
 # ------------------------------------------------------------------------------------ helpers
 def served(gw: GatewayProcess) -> float:
     """The API requests this gateway has answered (gateway_requests_total, every label)."""
-    text = httpx.get(f"{gw.url}/metrics", timeout=5).text
+    text = httpx.get(metrics_url(gw), timeout=5).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                if line.startswith("gateway_requests_total{"))
 
@@ -306,8 +324,13 @@ def test_request_id_trace_and_client_address_pass_through(topo: Topology,
 def test_nginx_own_answers(topo: Topology) -> None:
     r = httpx.get(f"{topo.nginx.url}/nginx-health", timeout=5)
     assert (r.status_code, r.text) == (200, "ok\n")
-    assert httpx.get(f"{topo.gateways[0].url}/metrics", timeout=5).status_code == 200
-    assert httpx.get(f"{topo.nginx.url}/metrics", timeout=5).status_code == 404  # not exposed
+    # /metrics (per-key usage) is on each gateway's metrics port, which nginx does not proxy:
+    # neither the gateways' API port nor nginx serves it.
+    assert httpx.get(metrics_url(topo.gateways[0]), timeout=5).status_code == 200
+    for url in (topo.gateways[0].url, topo.nginx.url):
+        for path in ("/metrics", "/metrics/", "//metrics", "/%6detrics", "/metrics?x=1"):
+            answer = httpx.get(f"{url}{path}", timeout=5)
+            assert answer.status_code == 404 and "gateway_" not in answer.text, (url, path)
     # Above client_max_body_size nginx refuses from the headers, in OpenAI's error shape.
     answer = raw_exchange(topo.nginx.port, b"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\n"
                           b"Content-Length: 1000000000\r\n"
