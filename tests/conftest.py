@@ -14,8 +14,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from pytest_redis import factories
 
 from tests.fake_upstream import FakeUpstream, _free_port
+from tests.helpers import flush
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 
@@ -112,3 +114,23 @@ def gateway(start_gateway: Callable[..., GatewayProcess]) -> GatewayProcess:
 @pytest.fixture
 def client(gateway: GatewayProcess) -> openai.OpenAI:
     return gateway.client()
+
+
+# One redis-server of our own (pytest-redis, a free port) for the gateways with keys.
+keys_redis = factories.redis_proc(port=None)
+
+
+@pytest.fixture
+def redis_url(keys_redis) -> Iterator[str]:  # pytest-redis's executor
+    url = f"redis://{keys_redis.host}:{keys_redis.port}/0"
+    yield url
+    flush(url)  # our own redis-server, started for these tests
+
+
+@pytest.fixture
+def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
+          ) -> Callable[..., GatewayProcess]:
+    """Start a gateway whose keys and quotas live in that Redis."""
+    def start(config: str | None = None, **settings: object) -> GatewayProcess:
+        return start_gateway(config, redis_url=redis_url, **settings)
+    return start

@@ -13,38 +13,20 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import openai
 import pytest
-from pytest_redis import factories
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit, flush, make_key, multipart, raw_exchange, scrape, usage_of, value
+from tests.helpers import edit, make_key, multipart, raw_exchange, scrape, usage_of, value
 from tests.images import png, sha256
-
-hardening_redis = factories.redis_proc(port=None)
 
 WRONG_KEY = "sk-gw-" + "x" * 43  # looks like one of ours, is nobody's
 BOUNDARY_LINE = b"--XyZ-boundary\r\n"  # what tests.helpers.multipart writes before each part
-
-
-@pytest.fixture
-def redis_url(hardening_redis) -> Iterator[str]:  # pytest-redis's executor
-    url = f"redis://{hardening_redis.host}:{hardening_redis.port}/0"
-    yield url
-    flush(url)  # our own redis-server, started for these tests
-
-
-@pytest.fixture
-def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
-          ) -> Callable[..., GatewayProcess]:
-    def start(config: str | None = None, **settings: object) -> GatewayProcess:
-        return start_gateway(config, redis_url=redis_url, **settings)
-    return start
 
 
 def sdk(gw: GatewayProcess, secret: str, **kwargs: Any) -> openai.OpenAI:

@@ -18,17 +18,16 @@ import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_redis import factories
 
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream, Recorded
-from tests.helpers import flush, make_key, usage_of
+from tests.helpers import make_key, usage_of
 from tests.images import jpeg, png, sha256
 
 NODE_DIR = Path(__file__).parent / "node"
@@ -41,7 +40,6 @@ NODE = Path(sys.executable).parent / "node"
 MIN_NODE = 22  # the openai 7.x SDK's engines
 DEFAULTS = {"quality": "auto", "output_format": "png"}  # what the catalog fills in upstream
 
-node_redis = factories.redis_proc(port=None)
 
 
 def _pinned_sdk() -> str:
@@ -285,13 +283,6 @@ def test_two_images_and_a_mask_in_any_order(start_gateway: Callable[..., Gateway
             problems.add(f"the SDK put the parts {results[call['id']]['wire']} on the wire",
                          call["id"])
     problems.check(len(calls))
-
-
-@pytest.fixture
-def redis_url(node_redis) -> Iterator[str]:  # pytest-redis's executor
-    url = f"redis://{node_redis.host}:{node_redis.port}/0"
-    yield url
-    flush(url)  # our own redis-server, started for these tests
 
 
 # Orders with n (and for some, the model too) after the image: admission cannot have seen them.

@@ -30,7 +30,7 @@ from gateway.keys import KeyRecord, Limits
 from gateway.settings import KeyEntry, Settings
 from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
-from tests.fake_upstream import FakeUpstream, _free_port
+from tests.fake_upstream import FakeUpstream, Recorded, _free_port
 from tests.helpers import (
     edit_head,
     make_key,
@@ -174,9 +174,14 @@ def test_sigkill_of_a_worker_mid_request(start_gateway: Callable[..., GatewayPro
     first = len(upstream.records)
     held = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
     held.sendall(edit_head(body, ctype, secret_a) + body)
-    upstream.wait_for(lambda: len(upstream.records) > first and upstream.records[first].completed,
-                      timeout=10)
-    held_record = upstream.records[first]
+
+    def held_at_upstream() -> list[Recorded]:
+        # Found by its prompt, not its place: a late request from an earlier test's gateway
+        # may reach the shared fake upstream in between.
+        return [r for r in upstream.records[first:] if r.completed and r.field("prompt") == "key-a"]
+
+    upstream.wait_for(lambda: bool(held_at_upstream()), timeout=10)
+    held_record = held_at_upstream()[0]
     time.sleep(0.05)  # the fake reads delay_headers just after recording the body
     upstream.behaviour.delay_headers = 0  # everything else is answered at once
     workers = _workers(gw)
@@ -382,6 +387,7 @@ def inproc(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[InProcessGateway, str, State]]:
     """The gateway, its key's secret, and the baseline: the state once a warm-up JSON and SSE
     edit are over (the pool's connection, lazily built objects, etc. exist by then)."""
+    upstream.reset()  # set up before the per-test reset: a failed earlier test may have left it steered
     record, secret = KeyRecord.new("faults", Limits())
     spool = tmp_path_factory.mktemp("spool")
     settings = _ExplicitSettings(

@@ -12,13 +12,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import httpx
 import openai
 import pytest
-from pytest_redis import factories
 
 from gateway.admission import Admission, EditRequest, Outcome, QuotaAdmission, QuotaTicket, Ticket
 from gateway.catalog import Catalog, ModelSpec
@@ -28,25 +27,8 @@ from gateway.quota.redis_store import RedisStore
 from gateway.settings import Settings
 from tests.conftest import GatewayProcess
 from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit, edit_head, flush, make_key, multipart, put_key, usage_of
+from tests.helpers import edit, edit_head, make_key, multipart, put_key, usage_of
 from tests.images import png
-
-quota_redis = factories.redis_proc(port=None)
-
-
-@pytest.fixture
-def redis_url(quota_redis) -> Iterator[str]:  # pytest-redis's executor
-    url = f"redis://{quota_redis.host}:{quota_redis.port}/0"
-    yield url
-    flush(url)  # our own redis-server, started for these tests
-
-
-@pytest.fixture
-def keyed(start_gateway: Callable[..., GatewayProcess], redis_url: str
-          ) -> Callable[..., GatewayProcess]:
-    def start(**settings: object) -> GatewayProcess:
-        return start_gateway(redis_url=redis_url, **settings)
-    return start
 
 
 def sdk(gw: GatewayProcess, secret: str, **kwargs: object) -> openai.OpenAI:
@@ -236,39 +218,39 @@ def test_revocation_reaches_every_instance(keyed, redis_url: str, upstream: Fake
             edit(sdk(gw, secret))
 
 
-def test_redis_outage_fails_closed_then_recovers(keyed, redis_url: str, quota_redis,
+def test_redis_outage_fails_closed_then_recovers(keyed, redis_url: str, keys_redis,
                                                  upstream: FakeUpstream) -> None:
     gw = keyed(redis_timeout=0.2)
     _, secret = make_key(redis_url, images_per_day=10)
     edit(sdk(gw, secret))
-    quota_redis.stop()
+    keys_redis.stop()
     try:
         t0 = time.monotonic()
         with pytest.raises(openai.APIStatusError) as info:
             edit(sdk(gw, secret))
         assert info.value.status_code == 503 and time.monotonic() - t0 < 2
     finally:
-        quota_redis.start()
+        keys_redis.start()
     # The store forgot everything (no persistence): the key is put back, and serving resumes.
     _record, secret = make_key(redis_url, images_per_day=10)
     edit(sdk(gw, secret))
     assert len(upstream.completed) == 2
 
 
-def test_redis_outage_can_fail_open(keyed, redis_url: str, quota_redis,
+def test_redis_outage_can_fail_open(keyed, redis_url: str, keys_redis,
                                     upstream: FakeUpstream) -> None:
     gw = keyed(redis_timeout=0.2, redis_failure="open")
     _, secret = make_key(redis_url, images_per_day=10)
     _, unseen = make_key(redis_url, images_per_day=10)
     edit(sdk(gw, secret))  # seen, so known while Redis is away
-    quota_redis.stop()
+    keys_redis.stop()
     try:
         edit(sdk(gw, secret))
         with pytest.raises(openai.APIStatusError) as info:  # never seen: cannot be checked
             edit(sdk(gw, unseen))
         assert info.value.status_code == 503
     finally:
-        quota_redis.start()
+        keys_redis.start()
     assert len(upstream.completed) == 2
 
 
@@ -311,17 +293,17 @@ def test_models_list_follows_the_key(keyed, redis_url: str) -> None:
         sdk(gw, secret).models.retrieve("gpt-image-2")
 
 
-def test_readiness_follows_the_store(keyed, redis_url: str, quota_redis) -> None:
+def test_readiness_follows_the_store(keyed, redis_url: str, keys_redis) -> None:
     closed, open_ = keyed(redis_timeout=0.2), keyed(redis_timeout=0.2, redis_failure="open")
     assert httpx.get(f"{closed.url}/readyz").json()["status"] == "ok"
-    quota_redis.stop()
+    keys_redis.stop()
     try:
         r = httpx.get(f"{closed.url}/readyz")
         assert r.status_code == 503 and "quota store" in r.json()["reason"]
         r = httpx.get(f"{open_.url}/readyz")
         assert r.status_code == 200 and r.json()["status"] == "degraded"
     finally:
-        quota_redis.start()
+        keys_redis.start()
     assert httpx.get(f"{closed.url}/readyz").status_code == 200
 
 
@@ -391,7 +373,7 @@ def gpt_image() -> ModelSpec:
     return Catalog.from_settings(Settings()).resolve("gpt-image-1")
 
 
-async def test_a_ticket_extends_its_reservation(redis_url: str, quota_redis,
+async def test_a_ticket_extends_its_reservation(redis_url: str, keys_redis,
                                                 gpt_image: ModelSpec) -> None:
     """`n` learnt after admission: reserved like admission's (429 and nothing changes when the
     day's images do not allow it), then released or charged as a whole; with the store away,
@@ -430,7 +412,7 @@ async def test_a_ticket_extends_its_reservation(redis_url: str, quota_redis,
     assert await images_used() == 2
 
     fail_closed, fail_open = await admit(closed), await admit(open_)
-    quota_redis.stop()
+    keys_redis.stop()
     try:
         with pytest.raises(ServiceUnavailable) as away:
             await fail_closed.extend(1)
@@ -438,7 +420,7 @@ async def test_a_ticket_extends_its_reservation(redis_url: str, quota_redis,
         await fail_open.extend(2)  # admitted: an answer of unknown size is charged as 3
         assert isinstance(fail_open, QuotaTicket) and fail_open.n == 3
     finally:
-        quota_redis.start()
+        keys_redis.start()
         for t in (fail_closed, fail_open):
             await t.finish(Outcome(answered=False))
         await store.aclose()
@@ -447,7 +429,7 @@ async def test_a_ticket_extends_its_reservation(redis_url: str, quota_redis,
 
 
 async def test_failing_open_believes_a_key_for_stale_seconds_only(
-        redis_url: str, quota_redis) -> None:
+        redis_url: str, keys_redis) -> None:
     """While the store is away, a key seen recently still works (fail open), but one not
     re-read for `stale_seconds` may have been revoked meanwhile: it gets 503."""
     store = RedisStore(redis_url, timeout=0.2, lease_ttl_ms=60_000)
@@ -456,7 +438,7 @@ async def test_failing_open_believes_a_key_for_stale_seconds_only(
     record, secret = KeyRecord.new("x", Limits())
     await store.put_key(record)
     await admission.authenticate(f"Bearer {secret}")
-    quota_redis.stop()
+    keys_redis.stop()
     try:
         await asyncio.sleep(0.3)  # past cache_seconds: the store is asked, and is away
         assert (await admission.authenticate(f"Bearer {secret}")).id == record.id
@@ -464,5 +446,5 @@ async def test_failing_open_believes_a_key_for_stale_seconds_only(
         with pytest.raises(ServiceUnavailable):
             await admission.authenticate(f"Bearer {secret}")
     finally:
-        quota_redis.start()
+        keys_redis.start()
         await store.aclose()
