@@ -120,6 +120,11 @@ class FieldRule(BaseModel):
             raise InvalidRequest(f"Invalid size '{raw}': {'; '.join(problems)}.", param=name)
 
 
+# What `n` must be where a model declares no rule of its own (pass-through models, models whose
+# fields pass through): it is reserved against quotas, so a plain count.
+N_RULE = FieldRule(kind="int", min=1, max=PASSTHROUGH_MAX_N)
+
+
 def _invalid(name: str, raw: str, allowed: Iterable[str]) -> InvalidRequest:
     choices = ", ".join(f"'{v}'" for v in allowed)
     return InvalidRequest(f"Invalid value: '{raw}'. Supported values are: {choices}.", param=name)
@@ -243,7 +248,7 @@ class Catalog:
                 name="*", owned_by="passthrough", open_fields=True,
                 # Any field passes, but `n` is reserved against quotas: a plain small integer,
                 # sent upstream as it was reserved.
-                fields={"n": FieldRule(kind="int", min=1, max=PASSTHROUGH_MAX_N)},
+                fields={"n": N_RULE},
                 mask=MaskRule(formats=IMAGE_FORMATS, require_alpha=False, match_first_image=False),
                 max_image_bytes=biggest.max_image_bytes if biggest else 50 * 1024 * 1024)
         catalog = cls(specs, default_model=settings.default_model, passthrough=passthrough)

@@ -28,7 +28,7 @@ import httpx
 from gateway import logs, metrics
 from gateway.admission import Admission, EditRequest, KeyPrincipal, Outcome, Principal, Ticket
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
-from gateway.catalog import Catalog, ModelSpec
+from gateway.catalog import N_RULE, Catalog, ModelSpec
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -161,10 +161,16 @@ class EditsEndpoint:
             # `100 Continue` either), and a refusal is answered and the connection closed.
             edit.principal = await self.admission.authenticate(headers.get("authorization"))
             self._take_slot(edit)
-        except GatewayError as exc:
-            await edit.fail(send, exc)
-            edit.close()
-            self._observe(edit)
+        except Exception as exc:
+            if not isinstance(exc, GatewayError):
+                log.exception("request %s: internal error", edit.request_id)
+                exc = GatewayError("The gateway failed to handle the request.")
+            try:
+                await edit.fail(send, exc)
+            finally:
+                exc = None  # type: ignore[assignment]  # no cycle through its traceback
+                edit.close()
+                self._observe(edit)
             return
         metrics.IN_FLIGHT.inc()
         error: GatewayError | None = None
@@ -197,7 +203,7 @@ class EditsEndpoint:
             finally:
                 # The slot and the spool go back before any error is answered (a refused
                 # client's drain holds nothing).
-                self._give_slot(edit)
+                edit.release_slot()
                 metrics.IN_FLIGHT.dec()
                 edit.release_spool()
             if error is not None:
@@ -231,10 +237,10 @@ class EditsEndpoint:
         if key is not None:
             self.by_key[key] = self.by_key.get(key, 0) + 1
         edit.slot_key = key
+        edit.holds_slot = True
 
-    def _give_slot(self, edit: _Edit) -> None:
+    def give_slot(self, key: str | None) -> None:
         self.in_flight -= 1
-        key = edit.slot_key
         if key is not None:
             left = self.by_key[key] - 1
             if left:
@@ -306,11 +312,15 @@ class _Edit:
         self.client_gone = False  # left before the upstream had the whole request: cancelled
         self.client_left = False  # left (or stopped reading) later: the answer is still metered
         self.upload_done = False  # the upstream has the whole request body
-        self.upstream_waiting = False  # a body write waits on the upstream, not on the client
+        # While the gateway itself waits (admission, the upstream connecting or reading slowly),
+        # the client's body-read clocks stop: that time is not the client's silence.
+        self.paused_since: float | None = None
+        self.paused = 0.0
         self.timed_out = ""  # why the body watchdog cancelled the request
         self.expects_continue = False
         self.receiving = False  # receive() was called: uvicorn has sent any `100 Continue`
         self.slot_key: str | None = None
+        self.holds_slot = False
         self.spooled = 0
         self.text_bytes = 0
         self.n_changed = False  # `n` arrived after admission
@@ -360,6 +370,7 @@ class _Edit:
         if not live:
             self.parsed = True
             self.final_values = self._final_checks()
+        self._pause()  # until the upstream asks for the body (see _upstream_body)
         ticket = self.ticket = await self._admit(self.principal, spec)
         outcome = Outcome(answered=False)
         try:
@@ -381,7 +392,10 @@ class _Edit:
             principal, EditRequest(self.request_id, spec, n, stream))
 
     def _n(self) -> int:
-        return int(self.values.get("n", "1"))
+        """The images this request asks for: as sent upstream (its catalog default included)."""
+        assert self.spec is not None
+        rule = self.spec.fields.get("n")
+        return int(self.values.get("n") or (rule.default if rule and rule.default else "1"))
 
     async def _extend(self) -> None:
         """`n` came after the files began streaming: reserve the difference before the upstream
@@ -468,20 +482,29 @@ class _Edit:
     def _next_check(self, now: float) -> float:
         """Seconds until the body watchdog must look again; sets `timed_out` if it is over."""
         settings = self.settings
-        if self.upstream_waiting:  # the gateway waits on the upstream: not the client's silence
-            wait = settings.body_read_timeout
-        else:
-            wait = self.last_body + settings.body_read_timeout - now
-            if wait <= 0:
-                self.timed_out = f"No request body bytes for {settings.body_read_timeout:g} seconds."
+        if self.paused_since is not None:
+            return 1.0  # the clocks stand still; look again soon after the gateway resumes
+        wait = self.last_body + settings.body_read_timeout - now
+        if wait <= 0:
+            self.timed_out = f"No request body bytes for {settings.body_read_timeout:g} seconds."
         rate = settings.min_body_rate
-        if self.ticket is None and rate and not self.timed_out:
-            due = self.started + settings.body_rate_grace_seconds + self.received / rate
+        if rate and not self.timed_out:
+            due = self.started + settings.body_rate_grace_seconds + self.paused + \
+                self.received / rate
             if due <= now:
-                self.timed_out = (f"The request body arrived slower than {rate} bytes a second "
-                                  "before the request could be admitted.")
+                self.timed_out = f"The request body arrived slower than {rate} bytes a second."
             wait = min(wait, due - now)
         return wait
+
+    def _pause(self) -> None:
+        self.paused_since = asyncio.get_running_loop().time()
+
+    def _resume(self) -> None:
+        if self.paused_since is not None:
+            now = asyncio.get_running_loop().time()
+            self.paused += now - self.paused_since
+            self.paused_since = None
+            self.last_body = now
 
     def _check_body(self) -> None:
         # A method, not a closure that re-arms itself: no reference cycle keeps the request.
@@ -738,7 +761,9 @@ class _Edit:
         return spec
 
     def _normalize(self, spec: ModelSpec, name: str, raw: str) -> str:
-        rule = spec.fields.get(name)
+        # `n` is reserved against quotas, so it is always a checked count, also for a model
+        # that declares no `n` and passes its fields through.
+        rule = spec.fields.get(name) or (N_RULE if name == "n" else None)
         if rule is not None:
             return rule.normalize(name, raw)
         if spec.open_fields:
@@ -868,13 +893,12 @@ class _Edit:
     async def _upstream_body(self, live: bool, events: list[tuple[int, Any]],
                              prepared: list[bytes]) -> AsyncIterator[bytes]:
         """The upstream body, with the time each write waits on the upstream (backpressure)
-        kept off the client's body-read clock; `upload_done` once the upstream has it all."""
-        loop = asyncio.get_running_loop()
+        kept off the client's body-read clocks; `upload_done` once the upstream has it all."""
+        self._resume()
         async for chunk in self._body_chunks(live, events, prepared):
-            self.upstream_waiting = True
+            self._pause()
             yield chunk
-            self.upstream_waiting = False
-            self.last_body = loop.time()
+            self._resume()
         self.upload_done = True
 
     async def _body_chunks(self, live: bool, events: list[tuple[int, Any]],
@@ -900,6 +924,7 @@ class _Edit:
                 remaining -= len(chunk)
                 yield chunk
             out = [self.writer.file_tail]
+        self.release_spool()  # replayed: its bytes no longer count against the spool caps
         out += prepared
         values = self.final_values
         if live:
@@ -975,7 +1000,6 @@ class _Edit:
                     continue
                 if meter is not None:
                     meter.feed(chunk)
-                self.rec.bytes_out += len(chunk)
                 await self._send(send, {"type": "http.response.body", "body": chunk,
                                         "more_body": True})
             if framer is not None and (rest := framer.pending):
@@ -985,16 +1009,15 @@ class _Edit:
                                         "more_body": True})
         except (httpx.TransportError, UpstreamResponseTooLarge) as exc:
             broken = True
-            if isinstance(exc, UpstreamResponseTooLarge):
-                self.rec.upstream_error = "too_large"
-                error: GatewayError = exc
-            else:
-                self.rec.upstream_error = transport_kind(exc)
-                error = transport_error(exc, self.spec.upstream if self.spec else "")
+            too_large = isinstance(exc, UpstreamResponseTooLarge)
+            self.rec.upstream_error = "too_large" if too_large else transport_kind(exc)
             if framer is None:
                 raise  # cut the JSON answer off: a broken response, never a wrong one
-            # The half-received event is dropped, so the error event stands on its own.
-            event = json.dumps({"type": "error", "error": json.loads(error.body())["error"]})
+            # The half-received event is dropped, so the error event stands on its own. (No
+            # local holds the exception: with its traceback it would keep this frame alive.)
+            body = exc.body() if isinstance(exc, UpstreamResponseTooLarge) else \
+                transport_error(exc, self.spec.upstream if self.spec else "").body()
+            event = json.dumps({"type": "error", "error": json.loads(body)["error"]})
             await self._send(send, {"type": "http.response.body",
                                     "body": _STREAM_ERROR % event.encode(), "more_body": True})
         if meter is not None:
@@ -1005,6 +1028,7 @@ class _Edit:
             outcome.images = meter.images if meter.images or broken else None
             outcome.usage = meter.usage
         self.response_done = True  # from here a disconnect is the normal end, not a cancel
+        self.release_slot()
         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         self.rec.end = time.perf_counter()
 
@@ -1017,6 +1041,7 @@ class _Edit:
         try:
             async with asyncio.timeout(self.settings.client_send_timeout):
                 await send(message)
+            self.rec.bytes_out += len(message.get("body", b""))
         except TimeoutError:
             log.info("request %s: the client stopped reading the answer", self.request_id)
             self.client_left = True
@@ -1030,24 +1055,25 @@ class _Edit:
     async def fail(self, send: Send, exc: GatewayError) -> None:
         """Answer an OpenAI-format error (the answer has not begun: errors after that are cuts).
 
-        A body not read to its end is read a little further (so a client that sends its whole
-        body before reading still sees the error), and then the connection is closed."""
+        A body not read to its end is read a little further after the answer is written (a
+        client that writes its whole body before reading still finds the error waiting), and
+        then the connection is closed."""
         if self._watchdog is not None:
             self._watchdog.cancel()  # the drain below bounds its own waits
         headers = [(b"content-type", b"application/json")]
+        drain = False
         if not self.body_done.is_set():
             headers.append((b"connection", b"close"))
             # Reading would make uvicorn send `100 Continue`, inviting the very upload refused.
             unasked = self.expects_continue and not self.receiving
-            if not (unasked or self.timed_out or exc.status == 413):
-                waited = time.perf_counter()
-                await self._drain()
-                self.rec.client_seconds += time.perf_counter() - waited
+            drain = not (unasked or self.timed_out or exc.status == 413)
         body = exc.body()
         headers += [(b"content-length", str(len(body)).encode()),
                     *self._common_headers(self.ticket)]
-        if self.ticket is None and self.principal is not None and exc.status != 429:
+        if self.ticket is None and self.principal is not None and exc.status < 500 and \
+                exc.status != 429:
             # Authenticated but refused before admission: the key's limits, for the headers.
+            # (Not for a 503: an overloaded gateway makes no store calls for its refusals.)
             rate = await self.ep.admission.headers_for(self.principal)
             headers += [(k.encode(), v.encode()) for k, v in rate.items()]
         headers += [(k.encode(), v.encode()) for k, v in exc.headers.items()]
@@ -1056,9 +1082,14 @@ class _Edit:
             # the gateway's own refusal, not the upstream's answer
             self.rec.rejection = metrics.rejection_reason(exc.status, exc.code)
         await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": body, "more_body": drain})
         self.rec.bytes_out = len(body)
         self.rec.end = time.perf_counter()
+        if drain:  # the whole answer is written (its Content-Length says so): now linger
+            waited = time.perf_counter()
+            await self._drain()
+            self.rec.client_seconds += time.perf_counter() - waited
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _drain(self) -> None:
         """Read and drop a little more of a refused body (refusal_drain_bytes, for at most
@@ -1079,13 +1110,20 @@ class _Edit:
         except TimeoutError:  # a slow client gets its error regardless
             return
 
+    def release_slot(self) -> None:
+        """Give the edit slot back (once): when the answer's last byte goes, so that a client
+        sending its next request at once finds its key's slot free here."""
+        if self.holds_slot:
+            self.holds_slot = False
+            self.ep.give_slot(self.slot_key)
+
     def release_spool(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
         if self.spooled:
             self.ep.spool_give(self._spool_key(), self.spooled)
             self.spooled = 0
+        if self.spool is not None:
+            spool, self.spool = self.spool, None
+            spool.close()
 
     def close(self) -> None:
         self._task = None

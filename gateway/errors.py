@@ -147,7 +147,9 @@ class QuotaExceeded(GatewayError):
 
 # What an upstream's error may carry that identifies the operator's account: API keys (OpenAI
 # echoes part of a wrong one), organisation and project ids.
-_IDENTIFIERS = re.compile(r"\b(sk-|org-|proj_)[A-Za-z0-9_\-*.]{4,}")
+# Not after a lower-case letter ("task-1234" stays), but after anything else ("key_sk-...",
+# "%3Dsk-...").
+_IDENTIFIERS = re.compile(r"(?<![a-z])(sk-|org-|proj_)[A-Za-z0-9_\-*.]{4,}")
 _UPSTREAM_HEADERS = ("retry-after", "retry-after-ms", "x-should-retry")
 
 

@@ -627,3 +627,34 @@ def test_repeated_authorization_headers_are_refused(keyed, redis_url: str,
                 not_refused.append((pair, name, answer[:12].decode("latin-1")))
     assert not_refused == [], f"not refused with a 400: {not_refused}"
     assert upstream.records == []
+
+
+def test_a_trickle_after_admission_is_cut_off_too(keyed, redis_url: str,
+                                                  upstream: FakeUpstream) -> None:
+    """The SDKs send model and prompt first, so admission comes at the first file byte: the body
+    rate still holds after it (less the time the gateway waited on the upstream)."""
+    gw = keyed(min_body_rate=20_000, body_rate_grace_seconds=1, body_read_timeout=30)
+    _, secret = make_key(redis_url, max_concurrent=1)
+    body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
+                             ("image", png(size=2_000_000), "a.png")])
+    start = body.index(b'name="image"') + 200
+    client = RawClient(gw.port)
+    client.send(head(len(body), secret, ctype) + body[:start])
+    t0 = time.monotonic()
+    client.trickle(body[start:], every=0.1, seconds=6, until_answer=True)  # far below 20 kB/s
+    data = client.read(2)
+    client.close()
+    assert status_of(data) == 408, data[:300]
+    assert time.monotonic() - t0 < 4
+    assert upstream.records and upstream.records[-1].aborted and not upstream.records[-1].completed
+    eventually(lambda: usage_of(gw.url, secret)["in_flight"], 0, 3, "the key's slot comes back")
+
+
+def test_a_refused_upload_still_reads_its_answer(keyed) -> None:
+    """The SDK writes its whole 8 MB body before reading: the 401 is written before the short
+    drain and the close, so it finds the answer, not a reset connection."""
+    gw = keyed(refusal_drain_bytes=64 * 1024, refusal_drain_seconds=1)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=WRONG_KEY, max_retries=0, timeout=10)
+    for _ in range(3):
+        with pytest.raises(openai.AuthenticationError):
+            client.images.edit(model="gpt-image-1", image=png(size=8_000_000), prompt="x")
