@@ -152,12 +152,14 @@ class Settings(BaseSettings):
     # An edit slot is taken only once the key is accepted, and one key holds at most its own
     # max_concurrent slots of an instance (keys without one: max_in_flight_per_key).
     max_in_flight_per_key: int = Field(128, ge=1)
-    # Before admission a body must arrive at min_body_rate bytes a second on average, once
-    # body_rate_grace_seconds have passed (a trickle cannot hold a slot for long).
+    # A body must arrive at min_body_rate bytes a second on average, once
+    # body_rate_grace_seconds have passed, not counting time the gateway itself waits
+    # (admission, the upstream): a trickle cannot hold a slot for long.
     min_body_rate: int = Field(16 * 1024, ge=0)
     body_rate_grace_seconds: float = Field(10.0, gt=0)
-    # A refused request (401, 400, 429, 503) reads at most this much more of its body, for at
-    # most refusal_drain_seconds, so the client can still read the answer; then it is closed.
+    # A refused request (401, 400, 429, 503) is answered, then reads at most this much more of
+    # its body, for at most refusal_drain_seconds (a client still writing finds the answer),
+    # and is closed.
     refusal_drain_bytes: int = Field(1024 * 1024, ge=0)
     refusal_drain_seconds: float = Field(2.0, ge=0)
     # The request line and headers must arrive within this many seconds (slow-loris heads).
