@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 COMPLETED = frozenset({"image_edit.completed", "image_generation.completed"})
 _SMALL = 256  # a key, type or event name longer than this is none the meter looks for
 _USAGE_LIMIT = 64 * 1024  # a `usage` object larger than this is not read
+# A JSON answer no longer than this (the usual one: images as URLs, or small ones) is kept and
+# read whole by json.loads at its end, in C; a longer one is scanned as it streams.
+_WHOLE = 64 * 1024
 
 # Outside strings: one structural byte, or a run of scalar bytes (a number, true, false, null).
 # Whitespace between them is skipped inside the regex engine.
@@ -211,6 +214,7 @@ class UsageMeter:
         self.images = 0
         self.usage: dict[str, int] = {}
         self._json = None if sse else _JsonScan()
+        self._whole: bytearray | None = None if sse else bytearray()  # a small answer so far
         self._failed = False
         # SSE parsing state, carried across chunks (all of it bounded).
         self._mode = _FIELD
@@ -227,16 +231,38 @@ class UsageMeter:
         try:
             if self._json is None:
                 self._feed_events(chunk)
+            elif self._whole is not None and len(self._whole) + len(chunk) <= _WHOLE:
+                self._whole += chunk
             else:
-                self._json.feed(chunk, 0, len(chunk))
-                self.images, self.usage = self._json.items, self._json.usage or {}
+                if self._whole:
+                    self._scan(bytes(self._whole))
+                self._whole = None
+                self._scan(chunk)
         except Exception:  # a bug here must not break the answer being relayed
             self._failed = True
             log.exception("The usage meter gave up on an answer; what it counted so far stands.")
 
+    def _scan(self, chunk: bytes) -> None:
+        assert self._json is not None
+        self._json.feed(chunk, 0, len(chunk))
+        self.images, self.usage = self._json.items, self._json.usage or {}
+
     def close(self) -> None:
         """Call at the end of the answer. An event the stream did not end with a blank line is
         not counted: the SSE spec (and the OpenAI SDKs) never dispatch it."""
+        if self._whole is None or self._failed:
+            return
+        whole, self._whole = bytes(self._whole), None
+        try:
+            doc = json.loads(whole)
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):  # cut, malformed or odd: count what the scanner finds
+            self.feed(whole)
+            return
+        data = doc.get("data")
+        self.images = len(data) if isinstance(data, list) else 0
+        self.usage = _flatten(doc.get("usage"))
 
     # ------------------------------------------------------------------------- SSE
     def _feed_events(self, chunk: bytes) -> None:

@@ -199,12 +199,25 @@ def test_malformed_answers_never_raise(answer: bytes, points: list[int], as_sse:
 def test_a_bug_in_the_meter_never_breaks_the_answer(monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     meter = UsageMeter(sse=False)
-    meter.feed(b'{"data": [{"b64_json": "x"},')
+    meter.feed(b'{"data": [{"b64_json": "%s"},' % (b"x" * 70_000))  # long: scanned as it comes
     monkeypatch.setattr(usage._JsonScan, "feed", lambda *args: 1 / 0)
     meter.feed(b' {"b64_json": "y"}]}')
     meter.feed(b"more")
     meter.close()
     assert meter.images == 1 and "gave up" in caplog.text
+
+
+def test_a_small_answer_is_read_whole_and_counts_the_same() -> None:
+    """Answers up to 64 KiB are read by json.loads at their end; a cut one falls back to the scan."""
+    answer = json.dumps({"created": 1, "data": [{"b64_json": "a", "url": None}] * 3,
+                         "usage": {"total_tokens": 750}}).encode()
+    for cut in (len(answer), len(answer) - 5):
+        meter = UsageMeter(sse=False)
+        for i in range(0, cut, 7):
+            meter.feed(answer[i:min(i + 7, cut)])
+        meter.close()
+        assert meter.images == 3
+        assert meter.usage == ({"total_tokens": 750} if cut == len(answer) else {})
 
 
 def test_a_malformed_answer_counts_what_was_found() -> None:
