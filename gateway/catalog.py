@@ -120,8 +120,8 @@ class FieldRule(BaseModel):
             raise InvalidRequest(f"Invalid size '{raw}': {'; '.join(problems)}.", param=name)
 
 
-# What `n` must be where a model declares no rule of its own (pass-through models, models whose
-# fields pass through): it is reserved against quotas, so a plain count.
+# What `n` must be where a model whose fields pass through declares no rule of its own
+# (pass-through models included): it is reserved against quotas, so a plain count.
 N_RULE = FieldRule(kind="int", min=1, max=PASSTHROUGH_MAX_N)
 
 
@@ -232,6 +232,9 @@ class Catalog:
             table["fields"] = {k: v for k, v in table.get("fields", {}).items() if v is not False}
             if settings.unknown_fields == "pass":
                 table["open_fields"] = True
+                # Fields pass through unchecked, but `n` is reserved against quotas: a model
+                # without its own rule gets the plain-count one (sent as it was reserved).
+                table["fields"].setdefault("n", N_RULE)
             try:
                 spec = ModelSpec(name=name, **table)
             except ValidationError as exc:

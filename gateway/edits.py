@@ -28,7 +28,7 @@ import httpx
 from gateway import logs, metrics
 from gateway.admission import Admission, EditRequest, KeyPrincipal, Outcome, Principal, Ticket
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
-from gateway.catalog import N_RULE, Catalog, ModelSpec
+from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -127,6 +127,17 @@ class Upload:
     def filename(self) -> str:
         ext = _EXTENSIONS[self.info.format] if self.info else "bin"
         return f"mask.{ext}" if self.kind == "mask" else f"image_{self.index}.{ext}"
+
+
+def _count(counts: dict[str, int], key: str | None, delta: int) -> None:
+    """Add to a key's count (no key: nothing), dropping it at zero so idle keys cost nothing."""
+    if key is None:
+        return
+    left = counts.get(key, 0) + delta
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 class EditsEndpoint:
@@ -234,19 +245,13 @@ class EditsEndpoint:
             raise ServiceUnavailable("The gateway is at capacity; retry shortly.",
                                      code="overloaded", headers={"retry-after": "1"})
         self.in_flight += 1
-        if key is not None:
-            self.by_key[key] = self.by_key.get(key, 0) + 1
+        _count(self.by_key, key, 1)
         edit.slot_key = key
         edit.holds_slot = True
 
     def give_slot(self, key: str | None) -> None:
         self.in_flight -= 1
-        if key is not None:
-            left = self.by_key[key] - 1
-            if left:
-                self.by_key[key] = left
-            else:
-                del self.by_key[key]
+        _count(self.by_key, key, -1)
 
     def spool_take(self, key: str | None, size: int) -> None:
         """Account `size` more spooled bytes, or refuse (retryable) past either cap."""
@@ -259,17 +264,11 @@ class EditsEndpoint:
                 "shortly, or send the text fields before the files.", code="spool_full",
                 headers={"retry-after": "1"})
         self.spooled += size
-        if key is not None:
-            self.spooled_by_key[key] = self.spooled_by_key.get(key, 0) + size
+        _count(self.spooled_by_key, key, size)
 
     def spool_give(self, key: str | None, size: int) -> None:
         self.spooled -= size
-        if key is not None:
-            left = self.spooled_by_key[key] - size
-            if left:
-                self.spooled_by_key[key] = left
-            else:
-                del self.spooled_by_key[key]
+        _count(self.spooled_by_key, key, -size)
 
     def _observe(self, edit: _Edit) -> None:
         """The request's metrics and its one log line."""
@@ -308,7 +307,6 @@ class _Edit:
         self.body_done = asyncio.Event()  # the last body message has been received
         self.parsed = False  # ... and every part in it handled
         self.response_started = False
-        self.response_done = False
         self.client_gone = False  # left before the upstream had the whole request: cancelled
         self.client_left = False  # left (or stopped reading) later: the answer is still metered
         self.upload_done = False  # the upstream has the whole request body
@@ -472,8 +470,9 @@ class _Edit:
     # ------------------------------------------------------------------------- reading
     def _arm_body_watchdog(self) -> None:
         """One timer per request (not one per chunk): cancels the request when the client has
-        sent no body bytes for body_read_timeout while its body is unfinished (slow loris), or,
-        before admission, when its body arrives slower than min_body_rate on average."""
+        sent no body bytes for body_read_timeout while its body is unfinished (slow loris), or
+        when its body arrives slower than min_body_rate on average (the gateway's own waits
+        aside)."""
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self.started = self.last_body = loop.time()
@@ -761,9 +760,7 @@ class _Edit:
         return spec
 
     def _normalize(self, spec: ModelSpec, name: str, raw: str) -> str:
-        # `n` is reserved against quotas, so it is always a checked count, also for a model
-        # that declares no `n` and passes its fields through.
-        rule = spec.fields.get(name) or (N_RULE if name == "n" else None)
+        rule = spec.fields.get(name)
         if rule is not None:
             return rule.normalize(name, raw)
         if spec.open_fields:
@@ -1027,7 +1024,6 @@ class _Edit:
             # counts what it delivered: the final images sent before the error event.
             outcome.images = meter.images if meter.images or broken else None
             outcome.usage = meter.usage
-        self.response_done = True  # from here a disconnect is the normal end, not a cancel
         self.release_slot()
         await self._send(send, {"type": "http.response.body", "body": b"", "more_body": False})
         self.rec.end = time.perf_counter()

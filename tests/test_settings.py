@@ -161,3 +161,19 @@ def test_the_admin_api_accepts_the_key_without_its_newline(
         "authorization": f"Bearer {ADMIN_KEY}x"}).status_code == 401
     sdk = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=created.json()["key"], max_retries=0)
     assert sdk.images.edit(model="gpt-image-1", image=png(), prompt="x").data
+
+
+def test_fields_passed_through_still_have_n_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`n` is reserved against quotas: with unknown_fields = "pass", a model that declares no
+    `n` still gets a plain count (what is reserved is what goes upstream)."""
+    for name in list(os.environ):
+        if name.startswith("GATEWAY_"):
+            monkeypatch.delenv(name)
+    settings = load_settings(unknown_fields="pass", unknown_models="pass",
+                             models={"no-n": {"extends": "gpt-image-1", "fields": {"n": False}}})
+    catalog = Catalog.from_settings(settings)
+    for spec in (catalog.models["no-n"], catalog.resolve("some-model")):
+        assert spec.fields["n"].normalize("n", " 3") == "3"
+        for bad in ("+3", "3.0", "\u0663", "0", "11", "abc"):
+            with pytest.raises(InvalidRequest):
+                spec.fields["n"].normalize("n", bad)
