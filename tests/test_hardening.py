@@ -646,7 +646,9 @@ def test_a_trickle_after_admission_is_cut_off_too(keyed, redis_url: str,
     client.close()
     assert status_of(data) == 408, data[:300]
     assert time.monotonic() - t0 < 4
-    assert upstream.records and upstream.records[-1].aborted and not upstream.records[-1].completed
+    # The fake upstream notices the hang-up on its own thread, a moment after the 408.
+    upstream.wait_for(lambda: upstream.records and upstream.records[-1].aborted, timeout=3)
+    assert not upstream.records[-1].completed
     eventually(lambda: usage_of(gw.url, secret)["in_flight"], 0, 3, "the key's slot comes back")
 
 
