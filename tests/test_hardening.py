@@ -211,6 +211,17 @@ class RawClient:
         self.sock.close()
 
 
+def answer_to(port: int, data: bytes, seconds: float, *, send_seconds: float = 10) -> bytes:
+    """Send `data` on a fresh connection (a body may stop short: the request stays open) and
+    return what the gateway answered within `seconds`."""
+    client = RawClient(port)
+    try:
+        client.send(data, seconds=send_seconds)
+        return client.read(seconds)
+    finally:
+        client.close()
+
+
 def in_flight(gw: GatewayProcess) -> float:
     return value(scrape(f"{gw.url}/metrics"), "gateway_in_flight_requests")
 
@@ -343,10 +354,7 @@ def test_expect_100_continue_with_a_wrong_key_is_answered_401_directly(
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
                              ("image", png(), "a.png")])
     expect = "Expect: 100-continue\r\n"
-    refused = RawClient(gw.port)
-    refused.send(head(len(body), WRONG_KEY, ctype, extra=expect))
-    data = refused.read(3)
-    refused.close()
+    data = answer_to(gw.port, head(len(body), WRONG_KEY, ctype, extra=expect), 3)
     assert not data.startswith(b"HTTP/1.1 100"), f"invited a keyless body: {data[:200]!r}"
     assert status_of(data) == 401, data[:300]
     assert openai_error(data)["code"] == "invalid_api_key"
@@ -379,10 +387,7 @@ def test_spool_bounds_refuse_the_upload_going_over(bound: str, keyed, redis_url:
     holding = RawClient(gw.port)  # its image spooled, its text fields not sent yet
     assert holding.send(head(len(body), first_key, ctype) + body[:fields_at]) > fields_at
     time.sleep(0.3)
-    over = RawClient(gw.port)
-    over.send(head(len(body), second_key, ctype) + body[:fields_at])
-    data = over.read(5)
-    over.close()
+    data = answer_to(gw.port, head(len(body), second_key, ctype) + body[:fields_at], 5)
     assert status_of(data) == 503, f"the upload going over {bound} was not refused: {data[:300]!r}"
     found = parse(data)
     assert found is not None and found[1].get("retry-after"), found
@@ -407,10 +412,7 @@ def test_unknown_fields_are_refused_as_they_arrive(before: list, start_gateway,
     body, ctype = multipart([*before, ("foo", "bar", None), ("image", png(size=100_000), "a.png")])
     # `foo` whole (the next part's delimiter ends it); the rest of the body never comes.
     cut = body.index(b'Content-Disposition: form-data; name="image"')
-    client = RawClient(gw.port)
-    client.send(head(len(body), None, ctype) + body[:cut])
-    data = client.read(3)
-    client.close()
+    data = answer_to(gw.port, head(len(body), None, ctype) + body[:cut], 3)
     assert status_of(data) == 400, f"no answer while the body was open: {data[:300]!r}"
     error = openai_error(data)
     assert (error["code"], error["param"]) == ("unknown_parameter", "foo"), error
@@ -483,10 +485,7 @@ def test_upstream_backpressure_is_not_client_silence(start_gateway,
     image = png(size=5_000_000)
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),
                              ("image", image, "a.png")])
-    client = RawClient(gw.port)
-    client.send(head(len(body), None, ctype) + body, seconds=15)  # at full speed
-    data = client.read(15)
-    client.close()
+    data = answer_to(gw.port, head(len(body), None, ctype) + body, 15, send_seconds=15)  # full speed
     assert status_of(data) == 200, data[:300]
     record = upstream.last()
     assert 0 < record.paused_at < len(body)  # the upstream did stop reading mid-body
