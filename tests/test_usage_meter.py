@@ -169,21 +169,26 @@ def test_json_agrees_with_json_loads(doc: Any, indent: Any, ascii_only: bool,
     assert (meter.images, meter.usage) == _expected(doc)
 
 
-def test_a_large_answer_is_never_held() -> None:
-    """Huge strings anywhere (an image, a key, inside usage) are stepped over, not kept."""
-    big = "Q" * (8 << 20)
-    answer = json.dumps({big: 1, "data": [{"b64_json": big}, {"b64_json": big}],
-                         "usage": {**USAGE, "note": big}}).encode()
+def metered_in_64k_chunks(answer: bytes, *, sse: bool) -> tuple[UsageMeter, int]:
+    """The meter after `answer` in 64 KiB chunks, and the peak memory it traced meanwhile."""
     chunks = [answer[i:i + 65536] for i in range(0, len(answer), 65536)]
-    meter = UsageMeter(sse=False)
+    meter = UsageMeter(sse=sse)
     tracemalloc.start()
     try:
         for chunk in chunks:
             meter.feed(chunk)
         meter.close()
-        peak = tracemalloc.get_traced_memory()[1]
+        return meter, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+def test_a_large_answer_is_never_held() -> None:
+    """Huge strings anywhere (an image, a key, inside usage) are stepped over, not kept."""
+    big = "Q" * (8 << 20)
+    answer = json.dumps({big: 1, "data": [{"b64_json": big}, {"b64_json": big}],
+                         "usage": {**USAGE, "note": big}}).encode()
+    meter, peak = metered_in_64k_chunks(answer, sse=False)
     assert peak < 1 << 20 and not meter._failed
     assert meter.images == 2 and meter.usage == {}  # a usage object past 64 KiB is not read
 
@@ -347,15 +352,7 @@ def test_a_long_event_stream_is_never_held() -> None:
                  ("image_edit.completed", {"b64_json": big, "usage": {"total_tokens": 3}}))
     long_lines = b": %b\n%b\nevent: %b\n\n" % (b"x" * (2 << 20), b"y" * (2 << 20), b"z" * (2 << 20))
     stream = long_lines + stream  # a comment, a field with no colon, an event name
-    chunks = [stream[i:i + 65536] for i in range(0, len(stream), 65536)]
-    meter = UsageMeter(sse=True)
-    tracemalloc.start()
-    try:
-        for chunk in chunks:
-            meter.feed(chunk)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    meter, peak = metered_in_64k_chunks(stream, sse=True)
     assert peak < 1 << 20 and not meter._failed and meter.images == 1 and meter.usage == {"total_tokens": 3}
 
 
