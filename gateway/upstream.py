@@ -1,16 +1,19 @@
-"""Upstream providers: one pooled httpx client per named upstream, and transport-error mapping."""
+"""Upstream providers: one pooled httpx client per named upstream (on the aiohttp transport, see
+gateway.transport), and transport errors as GatewayErrors."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from gateway import __version__
 from gateway.errors import GatewayError, SettingsError, UpstreamTimeout, UpstreamUnavailable
 from gateway.settings import Settings, UpstreamSettings
+from gateway.transport import AiohttpTransport
 
 USER_AGENT = f"image-gateway/{__version__}"
 
@@ -21,6 +24,7 @@ class Upstream:
     base_url: str
     api_key: str | None = field(repr=False)
     client: httpx.AsyncClient
+    transport: AiohttpTransport
     edits_url: str = field(init=False)
 
     def edit_request(self, body: AsyncIterable[bytes], content_type: str, request_id: str,
@@ -43,7 +47,10 @@ class Upstreams:
             connect = cfg.connect_timeout or settings.upstream_connect_timeout
             read = cfg.read_timeout or settings.upstream_read_timeout
             write = cfg.write_timeout or settings.upstream_write_timeout
-            size = cfg.max_connections or settings.upstream_max_connections
+            # One connection per request in flight (HTTP/1.1): a pool smaller than the
+            # instance's in-flight cap would queue admitted requests behind each other.
+            size = cfg.max_connections or settings.upstream_max_connections or \
+                settings.max_in_flight
             headers = {
                 "accept": "application/json, text/event-stream",
                 # Identity, so the answer's usage stays readable to the gateway (quotas, metrics).
@@ -52,14 +59,12 @@ class Upstreams:
             }
             if key:
                 headers["authorization"] = f"Bearer {key}"
-            client = httpx.AsyncClient(
-                headers=headers,
-                timeout=httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size),
-                follow_redirects=False,
-                trust_env=False,
-            )
-            self._by_name[name] = Upstream(name, cfg.base_url, key, client)
+            transport = AiohttpTransport(
+                httpx.Limits(max_connections=size, max_keepalive_connections=size))
+            client = http_client(
+                transport, httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
+                headers)
+            self._by_name[name] = Upstream(name, cfg.base_url, key, client, transport)
 
     def __getitem__(self, name: str) -> Upstream:
         return self._by_name[name]
@@ -67,6 +72,16 @@ class Upstreams:
     async def aclose(self) -> None:
         for upstream in self._by_name.values():
             await upstream.client.aclose()
+
+
+def http_client(transport: AiohttpTransport, timeout: httpx.Timeout,
+                headers: dict[str, str] | None = None) -> httpx.AsyncClient:
+    """httpx on the aiohttp transport, keeping no cookies: a provider's Set-Cookie (a CDN's
+    session cookie) would otherwise go with every later request, whichever client sent it."""
+    return httpx.AsyncClient(
+        headers=headers, timeout=timeout, transport=transport,
+        cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+        follow_redirects=False, trust_env=False)
 
 
 def resolve(settings: Settings) -> dict[str, tuple[UpstreamSettings, str | None]]:

@@ -357,13 +357,13 @@ class InProcessGateway:
             counters = store._counters.get(self.key_id)
             return len(counters.leases) if counters else 0
 
-        pool = self.app.edits.upstreams["default"].client._transport._pool  # type: ignore[attr-defined]
+        transport = self.app.edits.upstreams["default"].transport  # type: ignore[attr-defined]
         fds = os.listdir("/proc/self/fd")
         pool_sockets = _tcp_inodes(either_port=self.upstream_port) & set(_socket_inodes("self"))
         return State(
             tasks=self.on_loop(tasks()), in_flight=self.app.edits.in_flight,
             leases=self.on_loop(leases()), fds=len(fds) - len(pool_sockets),
-            busy_upstream_connections=sum(not c.is_idle() for c in pool.connections),
+            busy_upstream_connections=transport.in_use,
             spool_files=len(open_files_in(os.getpid(), self.spool_dir)))
 
     def settled(self, baseline: State, what: str, timeout: float = 8) -> None:
