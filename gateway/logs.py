@@ -17,6 +17,28 @@ ACCESS = logging.getLogger("gateway.access")
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
+class Throttled:
+    """A warning that may recur once per request, written at most once a `period` with the
+    count of those left out: a store outage under thousands of requests in flight is one line a
+    second, not thousands (each a cost while the gateway is already in trouble)."""
+
+    def __init__(self, logger: logging.Logger, period: float = 1.0) -> None:
+        self.logger = logger
+        self.period = period
+        self._last = float("-inf")
+        self._skipped = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last < self.period:
+            self._skipped += 1
+            return
+        if self._skipped:
+            message += f" (and {self._skipped} more since the last such line)"
+        self._last, self._skipped = now, 0
+        self.logger.warning(message, *args)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and a record's `fields`."""
 

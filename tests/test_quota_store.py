@@ -4,12 +4,17 @@ in-process store must behave the same, to the image."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import redis.asyncio
 from pytest_redis import factories
+from redis.asyncio.cluster import RedisCluster as RedisClusterType
 
 from gateway.keys import KeyRecord, Limits
 from gateway.quota.base import (
@@ -22,9 +27,10 @@ from gateway.quota.base import (
     UNKNOWN_KEY,
     Decision,
     QuotaStore,
+    StoreUnavailable,
 )
 from gateway.quota.memory import MemoryStore
-from gateway.quota.redis_store import RedisStore
+from gateway.quota.redis_store import Deadline, RedisStore
 from tests import redis_nodes
 
 redis_server = factories.redis_proc(port=None)
@@ -337,8 +343,10 @@ async def test_renewed_leases_do_not_expire(make_store: MakeStore) -> None:
     assert (await store.admit(record.hash, "m", 1, "long")).status == OK
     for _ in range(3):
         await asyncio.sleep(0.2)
-        await store.renew(record.id, "long")
+        await store.renew(record.id, ["long", "never-admitted"])
     assert (await store.admit(record.hash, "m", 1, "other")).status == CONCURRENCY
+    # Renewing creates nothing: a lease that was never admitted holds no slot.
+    assert (await store.usage(record.id)).in_flight == 1
     await store.settle(record.id, "long", answered=True, images=1, tokens=0)
     assert (await store.admit(record.hash, "m", 1, "other")).status == OK
 
@@ -360,3 +368,120 @@ def redis_store_keys(key_id: str) -> list[str]:
     from gateway.quota.redis_store import _keys
 
     return _keys(key_id)
+
+
+# --------------------------------------------------------------- the Redis store under a burst
+@pytest.fixture(params=("redis", "cluster"))
+async def redis_store(request: pytest.FixtureRequest) -> AsyncIterator[RedisStore]:
+    store = build(request, request.param)
+    assert isinstance(store, RedisStore)
+    yield store
+    await close(store)
+
+
+async def server_stats(store: RedisStore) -> tuple[int, int, int]:
+    """(EVALSHA calls that ran, connections ever accepted, nodes), over a cluster's nodes."""
+    if isinstance(store.redis, RedisClusterType):
+        every = {"target_nodes": RedisClusterType.ALL_NODES}
+        stats = await store.redis.info("commandstats", **every)
+        conns = await store.redis.info("stats", **every)
+    else:
+        stats = {"one": await store.redis.info("commandstats")}
+        conns = {"one": await store.redis.info("stats")}
+    evalsha = sum(e["calls"] - e.get("failed_calls", 0) - e.get("rejected_calls", 0)
+                  for node in stats.values() if (e := node.get("cmdstat_evalsha")))
+    accepted = sum(node["total_connections_received"] for node in conns.values())
+    return evalsha, accepted, len(conns)
+
+
+async def test_a_burst_shares_pipelines_on_few_connections_and_stays_exact(
+        redis_store: RedisStore) -> None:
+    """2,000 admissions at once on a store allowed two connections: every one decided exactly
+    (1,500 images fit), each sent once, over at most two connections per node (plus the few
+    that finding a cluster takes), not one per waiting request."""
+    await new_key(redis_store)  # the checking store is connected (and knows its topology)
+    calls, accepted, nodes = await server_stats(redis_store)
+    store = RedisStore(redis_store.url, timeout=1.0, lease_ttl_ms=60_000, max_connections=2)
+    try:
+        record, _ = await new_key(store, images_per_day=1500)
+        results = await asyncio.gather(
+            *(store.admit(record.hash, "m", 1, lease(i)) for i in range(2000)))
+    finally:
+        await store.aclose()
+    assert [r.status for r in results].count(OK) == 1500
+    assert {r.status for r in results} == {OK, IMAGES}
+    calls_after, accepted_after, _ = await server_stats(redis_store)
+    assert calls_after - calls == 2000  # each sent once (a NOSCRIPT retry ran only once)
+    assert accepted_after - accepted <= 2 * nodes + 4
+
+
+async def test_a_busy_loop_does_not_make_a_healthy_redis_time_out(tmp_path: Path) -> None:
+    """Redis answers in 50 ms, but the loop is busy from 20 ms to 420 ms (a burst of requests
+    being parsed), past the 100 ms timeout: the answer is in the socket when the loop comes
+    back, and the call succeeds, where a plain timeout would report a healthy store away."""
+    with redis_nodes.single(tmp_path, "--enable-debug-command", "local") as url:
+        store = RedisStore(url, timeout=0.1, lease_ttl_ms=60_000)
+        sleeper = redis.asyncio.Redis.from_url(url)
+        try:
+            record, _ = await new_key(store, images_per_day=10)
+            await store.ping()  # connected
+            slow = asyncio.ensure_future(sleeper.execute_command("DEBUG", "SLEEP", "0.05"))
+            await asyncio.sleep(0.005)
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.02, time.sleep, 0.4)
+            assert (await store.admit(record.hash, "m", 1, lease())).status == OK
+            await slow
+        finally:
+            await sleeper.aclose()
+            await store.aclose()
+
+
+async def test_the_deadline_waits_for_the_loop_to_read_what_arrived() -> None:
+    """The same at the level of the Deadline alone, on a socket pair: data arrives while the
+    loop is blocked past the deadline; it is read, not timed out."""
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=ours)
+    try:
+        threading.Timer(0.05, theirs.send, (b"answer",)).start()
+        asyncio.get_running_loop().call_later(0.02, time.sleep, 0.4)
+        async with Deadline(0.1):
+            assert await reader.readexactly(6) == b"answer"
+        with pytest.raises(TimeoutError):  # nothing arrives, the loop is free: on time
+            async with Deadline(0.05):
+                await reader.read(1)
+    finally:
+        writer.close()
+        theirs.close()
+async def test_a_silent_redis_still_times_out(tmp_path: Path) -> None:
+    """Put off only while the loop is busy: a Redis that does not answer is away after the
+    timeout, however many calls wait."""
+    with redis_nodes.single(tmp_path, "--enable-debug-command", "local") as url:
+        store = RedisStore(url, timeout=0.2, lease_ttl_ms=60_000)
+        try:
+            record, _ = await new_key(store, images_per_day=10)
+            sleeper = redis.asyncio.Redis.from_url(url)
+            sleeping = asyncio.ensure_future(sleeper.execute_command("DEBUG", "SLEEP", "1.5"))
+            await asyncio.sleep(0.05)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            results = await asyncio.gather(
+                *(store.admit(record.hash, "m", 1, lease(i)) for i in range(500)),
+                return_exceptions=True)
+            assert all(isinstance(r, StoreUnavailable) for r in results)
+            assert loop.time() - start < 0.6
+            await sleeping
+            await sleeper.aclose()
+            assert (await store.admit(record.hash, "m", 1, lease())).status == OK  # recovered
+        finally:
+            await store.aclose()
+
+
+async def test_a_redis_that_forgot_the_script_is_given_it_again(redis_store: RedisStore) -> None:
+    record, _ = await new_key(redis_store, images_per_day=10)
+    assert (await redis_store.admit(record.hash, "m", 1, lease())).status == OK
+    await redis_store.redis.script_flush()  # as after a restart without persistence
+    results = await asyncio.gather(*(redis_store.admit(record.hash, "m", 1, lease(i))
+                                     for i in range(5)))
+    assert [r.status for r in results] == [OK] * 5
+    usage = await redis_store.usage(record.id)
+    assert usage is not None and usage.windows["images"].used == 6

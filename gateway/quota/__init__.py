@@ -14,7 +14,8 @@ def build_store(settings: Settings) -> QuotaStore | None:
     if settings.redis_url:
         from gateway.quota.redis_store import RedisStore
 
-        return RedisStore(settings.redis_url, timeout=settings.redis_timeout, lease_ttl_ms=lease_ms)
+        return RedisStore(settings.redis_url, timeout=settings.redis_timeout, lease_ttl_ms=lease_ms,
+                          max_connections=settings.redis_max_connections)
     if not settings.keys and settings.admin_key is None:
         return None
     from gateway.quota.memory import MemoryStore

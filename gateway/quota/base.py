@@ -8,6 +8,7 @@ instances, exact across all of them: every check-and-reserve is one Lua script) 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.keys import KeyRecord
@@ -126,8 +127,9 @@ class QuotaStore(ABC):
         and `tokens` it reported instead (also when the lease had expired meanwhile)."""
 
     @abstractmethod
-    async def renew(self, key_id: str, lease: str) -> None:
-        """Push a live lease's expiry a full TTL ahead (long requests renew while they run)."""
+    async def renew(self, key_id: str, leases: Sequence[str]) -> None:
+        """Push live leases' expiry a full TTL ahead (long requests renew while they run); all
+        of a key's leases on an instance go in one call, however many requests are in flight."""
 
     @abstractmethod
     async def usage(self, key_id: str) -> Usage | None: ...

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -195,11 +196,15 @@ class MemoryStore(QuotaStore):
         c.leases[lease] = (expiry, lease_day, n + extra)
         return answer(OK)
 
-    async def renew(self, key_id: str, lease: str) -> None:
+    async def renew(self, key_id: str, leases: Sequence[str]) -> None:
         c = self._counters.get(key_id)
-        if c is not None and lease in c.leases:
-            _, day, n = c.leases[lease]
-            c.leases[lease] = (self._now() + self.lease_ttl_ms, day, n)
+        if c is None:
+            return
+        expiry = self._now() + self.lease_ttl_ms
+        for lease in leases:
+            if lease in c.leases:
+                _, day, n = c.leases[lease]
+                c.leases[lease] = (expiry, day, n)
 
     async def usage(self, key_id: str) -> Usage | None:
         record = self._keys.get(key_id)

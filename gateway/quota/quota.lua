@@ -7,7 +7,7 @@
 --   6 requests (zset lease -> admission ms: the last 60 s of admissions, while rpm is set)
 -- ARGV[1] = 'admit': 2 key hash, 3 model, 4 n, 5 lease id, 6 lease ttl ms
 -- ARGV[1] = 'settle': 2 lease id, 3 answered (1/0), 4 images to count, 5 tokens to count
--- ARGV[1] = 'renew': 2 lease id, 3 lease ttl ms
+-- ARGV[1] = 'renew': 2 lease ttl ms, 3... lease ids (those still live get a full ttl again)
 -- ARGV[1] = 'extend': 2 lease id, 3 extra images
 -- ARGV[1] = 'usage'
 -- admit, extend and usage return {status, retry_ms, rpm, req_used, req_reset_ms, ipd, img_used,
@@ -50,7 +50,11 @@ local keep_ms = 2 * 86400000
 local expired_keep_ms = 86400000
 
 if ARGV[1] == 'renew' then
-  local renewed = redis.call('ZADD', KEYS[3], 'XX', 'CH', now + tonumber(ARGV[3]), ARGV[2])
+  local expiry = now + tonumber(ARGV[2])
+  local renewed = 0
+  for i = 3, #ARGV do
+    renewed = renewed + redis.call('ZADD', KEYS[3], 'XX', 'CH', expiry, ARGV[i])
+  end
   return renewed
 end
 

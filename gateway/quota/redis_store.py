@@ -4,9 +4,10 @@ exactly across any number of gateway instances sharing the Redis."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -14,11 +15,17 @@ from urllib.parse import urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway import metrics
 from gateway.keys import KeyRecord, Limits, id_for_hash
-from gateway.quota.base import Decision, QuotaStore, Snapshot, StoreUnavailable, Usage
+from gateway.quota.base import (
+    Decision,
+    QuotaStore,
+    Snapshot,
+    StoreUnavailable,
+    Usage,
+)
 
 T = TypeVar("T")
 _SCRIPT = resources.files("gateway.quota").joinpath("quota.lua").read_text()
@@ -53,12 +60,12 @@ def _decision(out: list[Any]) -> Decision:
     return Decision(out[0], int(out[1]), Snapshot(*(int(v) for v in out[2:])).windows())
 
 
-def connect(url: str, timeout: float) -> Any:
+def connect(url: str) -> Any:
     """A client for a single Redis (`redis://`, `rediss://`) or Sentinel
     (`redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`); a Redis Cluster is
-    recognised when first used (see RedisStore._ready)."""
-    options: dict[str, Any] = {"decode_responses": True, "socket_timeout": timeout,
-                               "socket_connect_timeout": timeout, "retry_on_timeout": False}
+    recognised when first used (see RedisStore._ready). No socket timeouts: every call is bounded
+    by RedisStore's own deadline, which a busy loop does not trip (see Deadline)."""
+    options: dict[str, Any] = {"decode_responses": True, "retry_on_timeout": False}
     if not url.startswith("redis+sentinel://"):
         return aioredis.Redis.from_url(url, **options)
     parsed = urlsplit(url)
@@ -67,18 +74,71 @@ def connect(url: str, timeout: float) -> Any:
     service, _, db = parsed.path.strip("/").partition("/")
     if not service:
         raise ValueError("a Sentinel URL names the service: redis+sentinel://host:port/service")
-    sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": timeout}, **options,
-                        password=parsed.password, db=int(db or 0))
+    sentinel = Sentinel(nodes, **options, password=parsed.password, db=int(db or 0))
     return sentinel.master_for(service)
 
 
+class Deadline:
+    """`asyncio.timeout(seconds)` that a busy event loop does not trip.
+
+    When thousands of requests arrive at once, one turn of the loop can take longer than a
+    Redis timeout; the loop runs due timers before it reads its sockets, so a plain timeout then
+    fires while Redis's answer sits unread in the socket: a healthy store reported away because
+    the gateway was busy. A deadline that comes due late (the loop was busy past it) is put off
+    by a few milliseconds, so that the loop reads its sockets first, up to `_PUT_OFF` times; a
+    deadline that comes due on time expires at once.
+    """
+
+    __slots__ = ("_due", "_expired", "_handle", "_loop", "_put_off", "_seconds", "_task")
+    _LATE = 0.02  # seconds past due that mean the loop was busy
+    _PUT_OFF = 5
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._expired = False
+        self._put_off = 0
+
+    async def __aenter__(self) -> Deadline:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._due = self._loop.time() + self._seconds
+        self._handle = self._loop.call_at(self._due, self._fire)
+        return self
+
+    def _fire(self) -> None:
+        now = self._loop.time()
+        if now - self._due > self._LATE and self._put_off < self._PUT_OFF:
+            self._put_off += 1
+            self._due = now + 0.005
+            self._handle = self._loop.call_at(self._due, self._fire)
+            return
+        self._expired = True
+        self._task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: object) -> None:
+        self._handle.cancel()
+        if self._expired and kind is asyncio.CancelledError and self._task.uncancel() == 0:
+            raise TimeoutError from None
+
+
 class RedisStore(QuotaStore):
-    def __init__(self, url: str, *, timeout: float, lease_ttl_ms: int) -> None:
+    """Commands issued in the same turn of the loop go to Redis as one pipeline (one write, one
+    connection, one round trip for a burst of admissions), at most `batch` commands a pipeline
+    and `max_connections` pipelines (or other calls) at once; each is bounded by `timeout`."""
+
+    def __init__(self, url: str, *, timeout: float, lease_ttl_ms: int,
+                 max_connections: int = 16, batch: int = 256) -> None:
         self.url = url
         self.timeout = timeout
-        self.redis = connect(url, timeout)
+        self.redis = connect(url)
         self.lease_ttl_ms = lease_ttl_ms
-        self._script = self.redis.register_script(_SCRIPT)
+        self.batch = batch
+        self._slots = asyncio.Semaphore(max_connections)
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
         self._checked = url.startswith("redis+sentinel://")  # Sentinel: never a cluster
         self._checking = asyncio.Lock()
 
@@ -93,39 +153,86 @@ class RedisStore(QuotaStore):
                 return
             info = await self.redis.info("cluster")
             if info.get("cluster_enabled"):
-                cluster = RedisCluster.from_url(
-                    self.url, decode_responses=True, socket_timeout=self.timeout,
-                    socket_connect_timeout=self.timeout)
+                cluster = RedisCluster.from_url(self.url, decode_responses=True)
                 try:
                     await cluster.initialize()
                 except BaseException:
                     await cluster.aclose()
                     raise  # not checked: the next call tries again
                 plain, self.redis = self.redis, cluster
-                self._script = cluster.register_script(_SCRIPT)
                 await plain.aclose()
             self._checked = True
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run `op` on a free connection within the deadline; any failure is StoreUnavailable."""
         try:
-            if not self._checked:
-                await self._ready()
-            result = await op()
+            if not self._checked:  # once: the topology (a cluster's slots) takes round trips
+                async with Deadline(10 * self.timeout):
+                    await self._ready()
+            async with Deadline(self.timeout), self._slots:
+                result = await op()
         except Exception as exc:
             # Any trouble out of the client (Redis gone, slow, MOVED, OOM, read-only, or a
             # connection the client itself broke) is the store being away: the admission
             # policy (fail closed or open) decides, never a 500. Cancellation is not an
             # Exception and passes through.
             metrics.store_result(False)
-            if not isinstance(exc, RedisError | OSError):
+            if not isinstance(exc, RedisError | OSError | TimeoutError):
                 log.warning("quota store: unexpected %s from the Redis client", type(exc).__name__,
                             exc_info=exc)
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         metrics.store_result(True)
         return result
 
+    async def _command(self, *args: Any) -> Any:
+        """One command, sent in this loop turn's pipeline."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((args, future))
+        if len(self._queue) == 1:
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        queue, self._queue = self._queue, []
+        for i in range(0, len(queue), self.batch):
+            _spawn(self._pipeline(queue[i:i + self.batch]))
+
+    async def _pipeline(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        try:
+            results = await self._call(lambda: self._execute([args for args, _ in batch]))
+        except StoreUnavailable as exc:
+            results = [exc] * len(batch)
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller gave up (cancelled)
+            if isinstance(result, Exception):
+                error = result if isinstance(result, StoreUnavailable) else \
+                    StoreUnavailable(f"redis: {type(result).__name__}")
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._send(commands)
+        # A Redis restarted (or failed over) has forgotten the script: load it, send those again.
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self.redis.script_load(_SCRIPT)
+            again = await self._send([commands[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        return results
+
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command)
+            return await pipe.execute(raise_on_error=False)
+
     async def _run(self, key_id: str, *args: object) -> Any:
-        return await self._call(lambda: self._script(keys=_keys(key_id), args=list(args)))
+        keys = _keys(key_id)
+        return await self._command("EVALSHA", self._sha, len(keys), *keys, *args)
 
     async def put_key(self, record: KeyRecord) -> None:
         # Two calls, not one transaction: the listing set lives in another cluster slot.
@@ -147,7 +254,7 @@ class RedisStore(QuotaStore):
         await self._call(op)
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
-        raw = await self._call(lambda: self.redis.hgetall(_keys(key_id)[0]))
+        raw = await self._command("HGETALL", _keys(key_id)[0])
         return _record(key_id, raw) if raw else None
 
     async def list_keys(self) -> list[KeyRecord]:
@@ -177,8 +284,9 @@ class RedisStore(QuotaStore):
                      tokens: int) -> None:
         await self._run(key_id, "settle", lease, int(answered), images, tokens)
 
-    async def renew(self, key_id: str, lease: str) -> None:
-        await self._run(key_id, "renew", lease, self.lease_ttl_ms)
+    async def renew(self, key_id: str, leases: Sequence[str]) -> None:
+        for i in range(0, len(leases), 1000):  # bounded script arguments
+            await self._run(key_id, "renew", self.lease_ttl_ms, *leases[i:i + 1000])
 
     async def usage(self, key_id: str) -> Usage | None:
         if await self.get_key(key_id) is None:
@@ -192,3 +300,13 @@ class RedisStore(QuotaStore):
 
     async def aclose(self) -> None:
         await self.redis.aclose()
+
+
+_TASKS: set[asyncio.Task[None]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, None]) -> None:
+    """Run a pipeline on its own task (kept referenced until it ends)."""
+    task = asyncio.ensure_future(coro)
+    _TASKS.add(task)
+    task.add_done_callback(_TASKS.discard)
