@@ -236,7 +236,8 @@ class EditsEndpoint:
         principal = edit.principal
         key = principal.id if isinstance(principal, KeyPrincipal) else None
         if key is not None:
-            limit = principal.record.limits.max_concurrent or self.settings.max_in_flight_per_key
+            limit = principal.record.limits.max_concurrent or \
+                self.settings.max_in_flight_per_key or self.settings.max_in_flight
             if self.by_key.get(key, 0) >= limit:
                 raise RateLimited(
                     "Rate limit reached for concurrent requests on this API key. Try again in 1s.",

@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1)
+    # Connections the kernel may queue before the server accepts them; a burst of thousands at
+    # once overflows a shorter queue into SYN retries (1 s, 3 s...). Capped by net.core.somaxconn.
+    backlog: int = Field(4096, ge=1)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] = "json"
     log_prompts: bool = False  # put the prompt in the request's log line
@@ -102,13 +105,19 @@ class Settings(BaseSettings):
     upstream_read_timeout: float = Field(600.0, gt=0)
     # The longest an upstream may leave a body write pending (it stopped reading).
     upstream_write_timeout: float = Field(60.0, gt=0)
-    upstream_max_connections: int = Field(512, ge=1)
+    # Connections per upstream; default: max_in_flight (one per request in flight).
+    upstream_max_connections: int | None = Field(None, ge=1)
     upstreams: dict[str, UpstreamSettings] = {}
 
     # Keys and quotas. Without redis_url the store is in-process (one process), with the keys
     # listed under [keys.ID]; with neither, the gateway admits everyone (and says so at start).
     redis_url: str | None = None
-    redis_timeout: float = Field(0.25, gt=0)  # every Redis call; a request never hangs on it
+    # Every Redis call (a free connection, then the round trip); a request never hangs on it. A
+    # call is not timed out while the gateway's own loop is too busy to read its answer.
+    redis_timeout: float = Field(0.25, gt=0)
+    # Redis connections per process (per node of a cluster). Calls made in the same loop turn
+    # go as one pipeline on one connection, so a burst of thousands needs only a few.
+    redis_max_connections: int = Field(16, ge=1)
     redis_failure: Literal["closed", "open"] = "closed"  # closed: 503 while Redis is away
     admin_key: SecretStr | None = None
     keys: dict[str, KeyEntry] = {}
@@ -147,11 +156,12 @@ class Settings(BaseSettings):
 
     # Load shedding and slow clients: past max_in_flight edits at once, new ones get a fast,
     # retryable 503; a client silent for body_read_timeout seconds mid-body gets a 408.
-    max_in_flight: int = Field(256, ge=1)
+    max_in_flight: int = Field(4096, ge=1)
     body_read_timeout: float = Field(30.0, gt=0)
     # An edit slot is taken only once the key is accepted, and one key holds at most its own
-    # max_concurrent slots of an instance (keys without one: max_in_flight_per_key).
-    max_in_flight_per_key: int = Field(128, ge=1)
+    # max_concurrent slots of an instance (keys without one: max_in_flight_per_key, by default
+    # max_in_flight).
+    max_in_flight_per_key: int | None = Field(None, ge=1)
     # A body must arrive at min_body_rate bytes a second on average, once
     # body_rate_grace_seconds have passed, not counting time the gateway itself waits
     # (admission, the upstream): a trickle cannot hold a slot for long.
