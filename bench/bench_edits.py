@@ -121,7 +121,7 @@ def _base_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def servers(logdir: Path) -> Iterator[dict[str, Server]]:
+def servers(logdir: Path, client: str = "httpx-aiohttp") -> Iterator[dict[str, Server]]:
     """The upstream, the pass-through and the gateway, stopped whatever happens."""
     started: list[Server] = []
     try:
@@ -131,11 +131,12 @@ def servers(logdir: Path) -> Iterator[dict[str, Server]]:
         started.append(upstream)
         upstream.wait_ready()
         passthrough = Server("passthrough", [sys.executable, str(BENCH / "passthrough.py"),
-                                             "--port", str(pt_port), "--upstream", upstream.origin],
-                             _base_env(), pt_port, logdir)
+                                             "--port", str(pt_port), "--upstream", upstream.origin,
+                                             "--client", client], _base_env(), pt_port, logdir)
         started.append(passthrough)
         chunked = Server("chunked", [sys.executable, str(BENCH / "passthrough.py"), "--port",
-                                     str(ch_port), "--upstream", upstream.origin, "--chunked"],
+                                     str(ch_port), "--upstream", upstream.origin, "--chunked",
+                                     "--client", client],
                          _base_env(), ch_port, logdir)
         started.append(chunked)
         gw_env = _base_env() | {
@@ -664,6 +665,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=2, help="memory: rounds (default 2)")
     parser.add_argument("--client", choices=sorted(CLIENTS), default="raw",
                         help="raw asyncio streams (default: least client CPU) or httpx.AsyncClient")
+    parser.add_argument("--passthrough-client", choices=("httpx-aiohttp", "httpx", "aiohttp"),
+                        default="httpx-aiohttp",
+                        help="the pass-through proxies' client library (default: the gateway's "
+                             "own, httpx on its aiohttp transport)")
     return parser.parse_args(argv)
 
 
@@ -720,7 +725,8 @@ def main(argv: list[str] | None = None) -> int:
     print(facts, flush=True)
     bodies = build_bodies()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-edits-") as tmp, servers(Path(tmp)) as targets:
+    with tempfile.TemporaryDirectory(prefix="bench-edits-") as tmp, \
+            servers(Path(tmp), args.passthrough_client) as targets:
         try:
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                 results = runner.run(run(targets, bodies, args))
@@ -738,7 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     print(facts)
     kind = CLIENT_NAMES[args.client]
     print(f"client: {kind} on uvloop, one process, same body bytes to every target; servers: "
-          "uvicorn + uvloop + httptools, one process each, all on 127.0.0.1")
+          "uvicorn + uvloop + httptools, one process each, all on 127.0.0.1; pass-through client: "
+          f"{args.passthrough_client}")
     print(f"bodies (model, prompt, image): {sizes}")
     resettable = all(m.hwm_reset for m in results.mem.values())
     hwm = "+ VmHWM reset before" if resettable else "(VmHWM not resettable)"

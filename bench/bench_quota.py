@@ -91,7 +91,8 @@ def _redis_port() -> int:
     raise RuntimeError("no free port")
 
 
-def start_redis_and_upstream(logdir: Path, started: list[Server]
+def start_redis_and_upstream(logdir: Path, started: list[Server],
+                             upstream_args: list[str] | None = None,
                              ) -> tuple[Server, Server, str, dict[str, str]]:
     """Our redis-server and the lean upstream, ready (added to `started`, for the caller to
     stop): them, the Redis URL, and the environment a gateway needs to use the upstream."""
@@ -104,7 +105,8 @@ def start_redis_and_upstream(logdir: Path, started: list[Server]
                           _base_env(), r_port, logdir)
     started.append(redis_server)
     upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
-                                   "--port", str(up_port)], _base_env(), up_port, logdir)
+                                   "--port", str(up_port), *(upstream_args or [])],
+                      _base_env(), up_port, logdir)
     started.append(upstream)
     redis_server.wait_ready()
     upstream.wait_ready()

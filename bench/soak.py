@@ -18,7 +18,9 @@ At the end, with every lease settled, it checks exactly:
   * each fault the soak asked for was carried out upstream exactly once;
   * every request got the outcome its kind should get.
 
-Run: `python bench/soak.py --minutes 2 --concurrency 8`; exit status 1 if a check fails.
+Run: `python bench/soak.py --minutes 2 --concurrency 8`; exit status 1 if a check fails. With
+thousands in flight: `--concurrency 2000 --delay 2 --read-timeout 4` (the upstream takes 2 s per
+answer, so 2,000 requests wait on it at once; a stall still outlasts the read timeout).
 """
 
 from __future__ import annotations
@@ -139,11 +141,12 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(logdir: Path, read_timeout: float) -> Iterator[Stack]:
+def stack(logdir: Path, read_timeout: float, delay: float = 0.0) -> Iterator[Stack]:
     """Our redis-server, the lean upstream and one quota gateway, stopped whatever happens."""
     started: list[Server] = []
     try:
-        _, _, url, env = start_redis_and_upstream(logdir, started)
+        _, _, url, env = start_redis_and_upstream(
+            logdir, started, upstream_args=["--delay", str(delay), "--backlog", "4096"])
         gw_port = _free_port()
         env |= {"GATEWAY_REDIS_URL": url, "GATEWAY_UPSTREAM_READ_TIMEOUT": str(read_timeout)}
         started.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
@@ -380,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1, help="seed of the traffic mix (default 1)")
     parser.add_argument("--read-timeout", type=float, default=1.0,
                         help="the gateway's upstream read timeout, which a stall outlasts (default 1 s)")
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds the upstream takes per answer, so that --concurrency requests "
+                             "are in flight at once (default 0); keep it under --read-timeout")
     parser.add_argument("--weight", type=weight, action="append", default=[], metavar="KIND=W",
                         help="change a kind's weight, e.g. fault-cut-json=1 (repeatable); kinds: "
                              + ", ".join(KINDS))
@@ -397,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = {name: form(kind, images[kind.image]) for name, kind in kinds.items()}
     print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-        with stack(Path(tmp), args.read_timeout) as s:
+        with stack(Path(tmp), args.read_timeout, args.delay) as s:
             try:
                 with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
                     text, ok = runner.run(soak(s, kinds, bodies, args))
@@ -410,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                     raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
         logs = {name: log_summary(Path(tmp) / f"{name}.log") for name in ("upstream", "gateway")}
     print(f"\ncommand: {command}")
-    print(f"key limits: {LIMITS}; gateway upstream read timeout {args.read_timeout:g} s; mix weights: "
+    print(f"key limits: {LIMITS}; gateway upstream read timeout {args.read_timeout:g} s; upstream "
+          f"delay {args.delay:g} s; mix weights: "
           + ", ".join(f"{k}={v.weight:g}" for k, v in kinds.items()) + "\n")
     print(text)
     for name, lines in logs.items():

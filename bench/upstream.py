@@ -79,6 +79,7 @@ DROP_AFTER = 128 * 1024  # bytes of a body taken before a `drop`: the upload is 
 STALL_MAX = 30.0  # seconds a `stall` waits for the gateway to give up before answering anyway
 
 stats: dict[str, int] = {"requests": 0, "bytes": 0, "answered": 0, "images": 0, "tokens": 0}
+DELAY = 0.0  # seconds every answer waits once the body is in (--delay): a provider at work
 
 
 class Ask:
@@ -149,6 +150,8 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         return
     if ask.fault == "stall" and await _stalled(receive):
         return
+    if DELAY:
+        await asyncio.sleep(DELAY)
     if ask.stream:
         await _events(receive, send, rid, ask)
         return
@@ -256,10 +259,15 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay", type=float, default=0.0,
+                        help="seconds each answer waits after the body, as a provider at work")
+    parser.add_argument("--backlog", type=int, default=2048, help="listen backlog")
     args = parser.parse_args()
+    global DELAY
+    DELAY = args.delay
     uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
                 lifespan="off", log_level="warning", access_log=False, server_header=False,
-                date_header=False)
+                date_header=False, backlog=args.backlog)
 
 
 if __name__ == "__main__":
