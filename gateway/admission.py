@@ -101,6 +101,10 @@ class Admission:
         """x-ratelimit-* headers for an answer that did not go through `admit`."""
         return {}
 
+    async def start(self) -> None:
+        """At lifespan startup, before the first request."""
+        return None
+
     async def aclose(self) -> None:
         return None
 
@@ -304,6 +308,12 @@ class QuotaAdmission(Admission):
             raise ServiceUnavailable("The gateway cannot check quotas right now; retry shortly.",
                                      headers={"retry-after": "1"})
         self._store_warning.warning("quota store unavailable, admitting (fail open): %s", exc)
+
+    async def start(self) -> None:
+        try:
+            await self.store.warm()
+        except StoreUnavailable as exc:
+            log.warning("quota store not reachable at start-up (%s); requests will retry it", exc)
 
     async def aclose(self) -> None:
         self.renewer.stop()

@@ -115,6 +115,7 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server.install_drain(settings.drain_seconds)
+        await admission.start()
         server.tune_gc()
         yield
         metrics.worker_exit()

@@ -55,6 +55,9 @@ REJECTIONS = Counter("gateway_rejections_total", "Requests the gateway refused i
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures by kind "
                           "(status, timeout, connect, reset, too_large)", ["model", "kind"])
 STORE_ERRORS = Counter("gateway_quota_store_errors_total", "Quota store calls that failed")
+LOOP_LAG = Gauge("gateway_event_loop_lag_seconds", "How late the event loop ran a timer due "
+                 "every 50 ms, at its last tick: the instance is short of CPU when this is often "
+                 "above a few ms", multiprocess_mode="livemax")
 STORE_UP = Gauge("gateway_quota_store_up", "1 when the quota store answered its last call",
                  multiprocess_mode="livemin")
 

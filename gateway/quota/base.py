@@ -137,5 +137,10 @@ class QuotaStore(ABC):
     @abstractmethod
     async def ping(self) -> None: ...
 
+    async def warm(self) -> None:
+        """Get ready for a burst (connections open) before the first request; may raise
+        StoreUnavailable, which only means the first requests will do it."""
+        return None
+
     async def aclose(self) -> None:
         return None

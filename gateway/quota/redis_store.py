@@ -19,6 +19,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from gateway import metrics
 from gateway.keys import KeyRecord, Limits, id_for_hash
+from gateway.loopwatch import LATE, WATCH
 from gateway.quota.base import (
     Decision,
     QuotaStore,
@@ -79,38 +80,46 @@ def connect(url: str) -> Any:
 
 
 class Deadline:
-    """`asyncio.timeout(seconds)` that a busy event loop does not trip.
+    """`asyncio.timeout(seconds)` for a store call that tells "away" from "busy".
 
-    When thousands of requests arrive at once, one turn of the loop can take longer than a
-    Redis timeout; the loop runs due timers before it reads its sockets, so a plain timeout then
-    fires while Redis's answer sits unread in the socket: a healthy store reported away because
-    the gateway was busy. A deadline that comes due late (the loop was busy past it) is put off
-    by a few milliseconds, so that the loop reads its sockets first, up to `_PUT_OFF` times; a
-    deadline that comes due on time expires at once.
+    Under a burst of thousands of requests a call can outlast a short timeout while nothing is
+    wrong with Redis: the gateway's loop, busy with the burst, takes several long turns to send
+    a pipeline and read its answer (and a plain timeout fires at the start of a turn, before the
+    sockets are read). Reporting the store away then fails healthy requests closed. So when the
+    deadline comes due, it is put off by a few milliseconds, again and again up to `_PATIENCE`
+    times `seconds`, while the loop is or has been busy in the last `seconds` (this timer ran
+    late, or loopwatch saw one run late) or the store has answered some call in that time
+    (`answered_at`: it is working); it expires when the loop has been free for `seconds` and
+    the store silent as long.
     """
 
-    __slots__ = ("_due", "_expired", "_handle", "_loop", "_put_off", "_seconds", "_task")
-    _LATE = 0.02  # seconds past due that mean the loop was busy
-    _PUT_OFF = 5
+    __slots__ = ("_answered_at", "_due", "_expired", "_handle", "_last", "_loop", "_seconds",
+                 "_task")
+    _PATIENCE = 40
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, answered_at: Callable[[], float] = lambda: -1e9) -> None:
         self._seconds = seconds
+        self._answered_at = answered_at
         self._expired = False
-        self._put_off = 0
 
     async def __aenter__(self) -> Deadline:
         self._loop = asyncio.get_running_loop()
+        WATCH.start()
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._due = self._loop.time() + self._seconds
+        now = self._loop.time()
+        self._last = now + self._PATIENCE * self._seconds
+        self._due = now + self._seconds
         self._handle = self._loop.call_at(self._due, self._fire)
         return self
 
     def _fire(self) -> None:
         now = self._loop.time()
-        if now - self._due > self._LATE and self._put_off < self._PUT_OFF:
-            self._put_off += 1
+        busy = (now - self._due > LATE  # this very timer ran late
+                or WATCH.busy_within(self._seconds)
+                or now - self._answered_at() < self._seconds)
+        if busy and now < self._last:
             self._due = now + 0.005
             self._handle = self._loop.call_at(self._due, self._fire)
             return
@@ -136,9 +145,11 @@ class RedisStore(QuotaStore):
         self.redis = connect(url)
         self.lease_ttl_ms = lease_ttl_ms
         self.batch = batch
+        self.max_connections = max_connections
         self._slots = asyncio.Semaphore(max_connections)
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._sha = hashlib.sha1(_SCRIPT.encode()).hexdigest()
+        self._answered = float("-inf")  # loop time of the last call the store answered
         self._checked = url.startswith("redis+sentinel://")  # Sentinel: never a cluster
         self._checking = asyncio.Lock()
 
@@ -163,14 +174,23 @@ class RedisStore(QuotaStore):
                 await plain.aclose()
             self._checked = True
 
+    async def warm(self) -> None:
+        """Find the topology and open every connection now, at start-up: opened during the
+        first burst instead, each connect waits its turn under the client's pool lock on a
+        loop that is busy with the burst, and the burst's first pipelines wait for them."""
+        await asyncio.gather(*(self._call(lambda: self.redis.ping())
+                               for _ in range(self.max_connections)))
+        await self._call(lambda: self.redis.script_load(_SCRIPT))
+
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         """Run `op` on a free connection within the deadline; any failure is StoreUnavailable."""
         try:
             if not self._checked:  # once: the topology (a cluster's slots) takes round trips
                 async with Deadline(10 * self.timeout):
                     await self._ready()
-            async with Deadline(self.timeout), self._slots:
+            async with Deadline(self.timeout, self._answered_at), self._slots:
                 result = await op()
+            self._answered = asyncio.get_running_loop().time()
         except Exception as exc:
             # Any trouble out of the client (Redis gone, slow, MOVED, OOM, read-only, or a
             # connection the client itself broke) is the store being away: the admission
@@ -183,6 +203,9 @@ class RedisStore(QuotaStore):
             raise StoreUnavailable(f"redis: {type(exc).__name__}") from None
         metrics.store_result(True)
         return result
+
+    def _answered_at(self) -> float:
+        return self._answered
 
     async def _command(self, *args: Any) -> Any:
         """One command, sent in this loop turn's pipeline."""
