@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from gateway import __version__, health, logs, metrics, openapi, server
+from gateway import __version__, health, logs, loopwatch, metrics, openapi, server
 from gateway.admin import admin_router
 from gateway.admission import Admission, KeyPrincipal, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
@@ -117,7 +117,9 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
         server.install_drain(settings.drain_seconds)
         await admission.start()
         server.tune_gc()
+        loopwatch.WATCH.start()
         yield
+        loopwatch.WATCH.stop()
         metrics.worker_exit()
         await upstreams.aclose()
         await admission.aclose()

@@ -73,6 +73,7 @@ def test_metrics_count_exactly_what_happened(start_gateway, upstream: FakeUpstre
     assert value(m, "gateway_upstream_duration_seconds_count", model="gpt-image-1") == 3
     assert value(m, "gateway_upload_bytes_total", model="gpt-image-1") > 10_000
     assert value(m, "gateway_in_flight_requests") == 0
+    assert 0 <= value(m, "gateway_event_loop_lag_seconds") < 1  # ticking, on an idle loop
     assert value(m, "gateway_overhead_seconds_bucket", le="0.001", **edits) >= 1  # sub-ms buckets
     assert record.hash not in str(m) and secret not in str(m)
 
