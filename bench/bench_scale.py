@@ -225,6 +225,8 @@ async def run(targets: dict[str, Server], url: str, body: bytes, counts: list[in
 
 
 def report(results: dict[int, dict[str, Burst]], args: argparse.Namespace) -> tuple[str, bool]:
+    """The table, and whether the gateway met its targets (the RSS one is for one process: with
+    --workers it is shown, summed over the processes, not judged)."""
     ok = True
     rows = [["N in flight / target", "wall s", "x direct", "x aiohttp", "x same lib", "200s",
              "other", "p99 s", "RSS before MB", "peak MB", "KB per request", "CPU s", ""]]
@@ -235,7 +237,7 @@ def report(results: dict[int, dict[str, Burst]], args: argparse.Namespace) -> tu
             check = ""
             if name == "gateway":
                 good = (b.ok == n and b.wall <= TARGET_WALL_RATIO * same
-                        and (n < 3000 or b.peak_mb < TARGET_RSS_MB))
+                        and (n < 3000 or args.workers > 1 or b.peak_mb < TARGET_RSS_MB))
                 ok &= good
                 check = verdict(good)
             rows.append([f"{n} {name}", f"{b.wall:.2f}", f"{b.wall / direct:.2f}",
