@@ -112,7 +112,8 @@ def start_redis_and_upstream(logdir: Path, started: list[Server],
     upstream.wait_ready()
     env = _base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
                          "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-                         "GATEWAY_LOG_LEVEL": "warning"}
+                         # info writes the gateway's access lines (the soak counts them by outcome)
+                         "GATEWAY_LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning")}
     return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
 
 

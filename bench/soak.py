@@ -359,6 +359,8 @@ def log_summary(path: Path) -> Counter[str]:
         try:
             record = json.loads(line)
             text = f"{record['level']}: {record['message']}"
+            if "status" in record:  # an access line (BENCH_GATEWAY_LOG_LEVEL=info): its outcome
+                text += f" {record['status']} {record.get('upstream_error')} {record.get('rejection')}"
         except (ValueError, KeyError, TypeError):
             text = line.strip()
         if text:

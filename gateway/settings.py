@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     upstream_write_timeout: float = Field(60.0, gt=0)
     # Connections per upstream; default: max_in_flight (one per request in flight).
     upstream_max_connections: int | None = Field(None, ge=1)
+    # How long an idle pooled connection is reused. Below the upstream's own idle timeout
+    # (uvicorn's and Node's are 5 s), or a request sent just as the upstream closes the
+    # connection fails (a 502): with thousands in flight, hundreds of times a minute.
+    upstream_keepalive_seconds: float = Field(3.0, gt=0)
     upstreams: dict[str, UpstreamSettings] = {}
 
     # Keys and quotas. Without redis_url the store is in-process (one process), with the keys

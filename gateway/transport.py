@@ -4,7 +4,7 @@ httpx stays the gateway's client API (requests, responses, timeouts, errors); th
 only one that imports aiohttp, and every aiohttp error becomes the httpx error it means here, on
 the request body and on the answer stream alike. Why aiohttp and not httpx's own transport
 (httpcore), and why not the `httpx-aiohttp` package, is measured and written down in the README
-("Upstream transport").
+(section "Scale: thousands in flight").
 
 What httpx's transport does that aiohttp does not, this adds: a write timeout (aiohttp has none:
 an upstream that stops reading the body would hold the request forever), and an exception raised
@@ -69,6 +69,13 @@ class _Body:
         except Exception as exc:
             self.error = exc
             raise
+        connection = self.connection
+        if connection is not None and (connection.transport is None
+                                       or connection.transport.is_closing()):
+            # The upstream hung up during the body. aiohttp would write the body's end outside
+            # its own error handling, leaving an exception no one retrieves (logged as such);
+            # failing here, inside it, reports the hang-up as any other.
+            raise ConnectionResetError("the upstream closed the connection during the body")
 
     def _expire(self, task: asyncio.Task[Any]) -> None:
         if task.done():

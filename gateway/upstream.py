@@ -59,8 +59,9 @@ class Upstreams:
             }
             if key:
                 headers["authorization"] = f"Bearer {key}"
-            transport = AiohttpTransport(
-                httpx.Limits(max_connections=size, max_keepalive_connections=size))
+            transport = AiohttpTransport(httpx.Limits(
+                max_connections=size, max_keepalive_connections=size,
+                keepalive_expiry=settings.upstream_keepalive_seconds))
             client = http_client(
                 transport, httpx.Timeout(connect=connect, read=read, write=write, pool=connect),
                 headers)
