@@ -236,7 +236,7 @@ class QuotaAdmission(Admission):
         fetch = self._fetching.get(key_id)
         if fetch is None:
             fetch = self._fetching[key_id] = asyncio.ensure_future(self.store.get_key(key_id))
-            fetch.add_done_callback(lambda _: self._fetching.pop(key_id, None))
+            fetch.add_done_callback(lambda done: self._fetched(key_id, done))
         try:
             record = await asyncio.shield(fetch)
         except StoreUnavailable as exc:
@@ -251,6 +251,11 @@ class QuotaAdmission(Admission):
             self._cache.clear()
         self._cache[key_id] = (now, record)
         return record
+
+    def _fetched(self, key_id: str, done: asyncio.Future[KeyRecord | None]) -> None:
+        self._fetching.pop(key_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved, even if every request waiting on it has gone
 
     def check_model(self, principal: Principal, model: str) -> None:
         assert isinstance(principal, KeyPrincipal)
