@@ -362,7 +362,7 @@ class Renewer:
     async def _renew(self, key_id: str, leases: list[str]) -> None:
         try:
             await self.store.renew(key_id, leases)
-        except Exception as exc:  # the next tick tries again; a lease outlives two misses
+        except Exception as exc:  # the next tick tries again (the TTL is three ticks long)
             log.warning("key %s: renewing %d leases failed (%s)", key_id, len(leases), exc)
 
     def stop(self) -> None:

@@ -116,8 +116,9 @@ class Settings(BaseSettings):
     # Keys and quotas. Without redis_url the store is in-process (one process), with the keys
     # listed under [keys.ID]; with neither, the gateway admits everyone (and says so at start).
     redis_url: str | None = None
-    # Every Redis call (a free connection, then the round trip); a request never hangs on it. A
-    # call is not timed out while the gateway's own loop is too busy to read its answer.
+    # Every Redis call (a free connection, then the round trip): Redis silent this long while
+    # the gateway's loop is free is Redis away. While the loop is busy (a burst), or Redis is
+    # answering other calls, a call may wait up to 40 times this before it is given up.
     redis_timeout: float = Field(0.25, gt=0)
     # Redis connections per process (per node of a cluster). Calls made in the same loop turn
     # go as one pipeline on one connection, so a burst of thousands needs only a few.

@@ -34,7 +34,7 @@ _ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
     (aiohttp.ClientConnectionError, httpx.ReadError),  # disconnected, reset
     (aiohttp.ClientError, httpx.TransportError),
     (OSError, httpx.ReadError),
-    (TimeoutError, httpx.PoolTimeout),  # aiohttp's `connect` (pool wait + connect) ran out
+    (TimeoutError, httpx.TimeoutException),  # any other timeout out of aiohttp
 )
 _SKIP = frozenset({"transfer-encoding", "content-length"})  # aiohttp frames the body itself
 
@@ -69,6 +69,11 @@ class _Body:
         except Exception as exc:
             self.error = exc
             raise
+        if self._write is not None and task is not None:
+            # aiohttp still writes the body's end and waits for the upstream to take it all
+            # (no timer of its own): the write timeout covers that wait too.
+            timer = loop.call_later(self._write, self._expire, task)
+            task.add_done_callback(lambda _: timer.cancel())
         connection = self.connection
         if connection is not None and (connection.transport is None
                                        or connection.transport.is_closing()):

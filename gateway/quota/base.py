@@ -128,8 +128,8 @@ class QuotaStore(ABC):
 
     @abstractmethod
     async def renew(self, key_id: str, leases: Sequence[str]) -> None:
-        """Push live leases' expiry a full TTL ahead (long requests renew while they run); all
-        of a key's leases on an instance go in one call, however many requests are in flight."""
+        """Push live leases' expiry a full TTL ahead (long requests renew while they run); a
+        key's leases on an instance go together (one script call per 1,000 of them)."""
 
     @abstractmethod
     async def usage(self, key_id: str) -> Usage | None: ...

@@ -31,6 +31,7 @@ from gateway.quota.base import (
 T = TypeVar("T")
 _SCRIPT = resources.files("gateway.quota").joinpath("quota.lua").read_text()
 _ALL_KEYS = "gw:keys"  # ids of every key, for listing
+_SOCKET_FACTOR = 10  # socket timeouts, in redis_timeouts (see connect)
 log = logging.getLogger("gateway.quota")
 
 
@@ -61,12 +62,21 @@ def _decision(out: list[Any]) -> Decision:
     return Decision(out[0], int(out[1]), Snapshot(*(int(v) for v in out[2:])).windows())
 
 
-def connect(url: str) -> Any:
+def connect(url: str, timeout: float) -> Any:
     """A client for a single Redis (`redis://`, `rediss://`) or Sentinel
     (`redis+sentinel://[:password@]host:port[,host:port...]/service[/db]`); a Redis Cluster is
-    recognised when first used (see RedisStore._ready). No socket timeouts: every call is bounded
-    by RedisStore's own deadline, which a busy loop does not trip (see Deadline)."""
-    options: dict[str, Any] = {"decode_responses": True, "retry_on_timeout": False}
+    recognised when first used (see RedisStore._ready).
+
+    Each call is bounded by RedisStore's Deadline, which a busy loop does not trip. The sockets
+    keep timeouts too, `_SOCKET_FACTOR` times longer (past what a burst's loop turns take), so
+    that redis-py's own failover still runs: it moves to the next Sentinel, or marks a cluster
+    node failed and reads the slots again, only on a socket timeout or connection error, never
+    on a cancellation. Sentinels, asked only when a connection is made, answer within `timeout`.
+    """
+    socket_timeout = _SOCKET_FACTOR * timeout
+    options: dict[str, Any] = {"decode_responses": True, "retry_on_timeout": False,
+                               "socket_timeout": socket_timeout,
+                               "socket_connect_timeout": socket_timeout}
     if not url.startswith("redis+sentinel://"):
         return aioredis.Redis.from_url(url, **options)
     parsed = urlsplit(url)
@@ -75,7 +85,9 @@ def connect(url: str) -> Any:
     service, _, db = parsed.path.strip("/").partition("/")
     if not service:
         raise ValueError("a Sentinel URL names the service: redis+sentinel://host:port/service")
-    sentinel = Sentinel(nodes, **options, password=parsed.password, db=int(db or 0))
+    sentinel = Sentinel(nodes, sentinel_kwargs={"socket_timeout": timeout,
+                                                "socket_connect_timeout": timeout},
+                        **options, password=parsed.password, db=int(db or 0))
     return sentinel.master_for(service)
 
 
@@ -136,13 +148,14 @@ class Deadline:
 class RedisStore(QuotaStore):
     """Commands issued in the same turn of the loop go to Redis as one pipeline (one write, one
     connection, one round trip for a burst of admissions), at most `batch` commands a pipeline
-    and `max_connections` pipelines (or other calls) at once; each is bounded by `timeout`."""
+    and `max_connections` pipelines (or other calls) at once; each is bounded by a Deadline of
+    `timeout` (up to 40 times that while the loop stays busy)."""
 
     def __init__(self, url: str, *, timeout: float, lease_ttl_ms: int,
                  max_connections: int = 16, batch: int = 256) -> None:
         self.url = url
         self.timeout = timeout
-        self.redis = connect(url)
+        self.redis = connect(url, timeout)
         self.lease_ttl_ms = lease_ttl_ms
         self.batch = batch
         self.max_connections = max_connections
@@ -164,7 +177,10 @@ class RedisStore(QuotaStore):
                 return
             info = await self.redis.info("cluster")
             if info.get("cluster_enabled"):
-                cluster = RedisCluster.from_url(self.url, decode_responses=True)
+                cluster = RedisCluster.from_url(
+                    self.url, decode_responses=True,
+                    socket_timeout=_SOCKET_FACTOR * self.timeout,
+                    socket_connect_timeout=_SOCKET_FACTOR * self.timeout)
                 try:
                     await cluster.initialize()
                 except BaseException:
