@@ -336,7 +336,6 @@ class Renewer:
         self.every = every
         self._leases: dict[str, set[str]] = {}  # key id -> leases in flight here
         self._timer: asyncio.TimerHandle | None = None
-        self._running: set[asyncio.Task[None]] = set()
 
     def add(self, key_id: str, lease: str) -> None:
         self._leases.setdefault(key_id, set()).add(lease)
@@ -353,9 +352,7 @@ class Renewer:
     def _tick(self) -> None:
         self._timer = None
         for key_id, leases in self._leases.items():
-            task = asyncio.ensure_future(self._renew(key_id, list(leases)))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            _background(self._renew(key_id, list(leases)))
         if self._leases:
             self._timer = asyncio.get_running_loop().call_later(self.every, self._tick)
 
