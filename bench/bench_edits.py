@@ -173,7 +173,7 @@ def multipart(image: bytes) -> bytes:
 def build_bodies() -> dict[str, bytes]:
     """Valid PNGs from the test suite's builder (header real, the rest random)."""
     sys.path.insert(0, str(ROOT))
-    from tests.images import png
+    from tests.support.images import png
 
     return {
         "small": multipart(png(64, 64)),

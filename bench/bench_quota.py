@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
              f"redis-py {redis.__version__}, {' '.join(version[:3]) if version else 'no redis'}")
     print(facts, flush=True)
     sys.path.insert(0, str(ROOT))
-    from tests.images import png
+    from tests.support.images import png
 
     bodies = {"small": multipart(png(64, 64)), "1mb": multipart(png(1024, 1024, size=1_000_000))}
     started = time.monotonic()

@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
     command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
     sys.path.insert(0, str(ROOT))
-    from tests.images import png
+    from tests.support.images import png
 
     kinds = dict(KINDS)
     for name, w in args.weight:

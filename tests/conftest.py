@@ -16,8 +16,8 @@ import openai
 import pytest
 from pytest_redis import factories
 
-from tests.fake_upstream import FakeUpstream, _free_port
-from tests.helpers import flush
+from tests.support.fake_upstream import FakeUpstream, _free_port
+from tests.support.helpers import flush
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import redis_nodes
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.images import png
+from tests.support import redis_nodes
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import png
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.helpers import Part, edit_head, multipart, open_files_in, raw_exchange
-from tests.images import jpeg, png, sha256
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.helpers import Part, edit_head, multipart, open_files_in, raw_exchange
+from tests.support.images import jpeg, png, sha256
 
 
 def post(gw: GatewayProcess, parts: list[Part], **kwargs: object) -> httpx.Response:

@@ -6,8 +6,8 @@ import openai
 import pytest
 
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.images import jpeg, png, sha256, webp
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import jpeg, png, sha256, webp
 
 
 def test_one_image_goes_upstream_normalized(client: openai.OpenAI, upstream: FakeUpstream) -> None:
@@ -175,7 +175,7 @@ def test_upstream_auth_failure_is_not_passed_to_clients(client: openai.OpenAI,
 
 
 def test_unreachable_upstream_is_502(start_gateway, upstream: FakeUpstream) -> None:
-    from tests.fake_upstream import _free_port
+    from tests.support.fake_upstream import _free_port
 
     gw: GatewayProcess = start_gateway(upstream_base_url=f"http://127.0.0.1:{_free_port()}/v1")
     with pytest.raises(openai.APIStatusError) as info:

@@ -21,12 +21,12 @@ import openai
 import pytest
 
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit, make_key, multipart, raw_exchange, scrape, usage_of, value
-from tests.images import png, sha256
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.helpers import edit, make_key, multipart, raw_exchange, scrape, usage_of, value
+from tests.support.images import png, sha256
 
 WRONG_KEY = "sk-gw-" + "x" * 43  # looks like one of ours, is nobody's
-BOUNDARY_LINE = b"--XyZ-boundary\r\n"  # what tests.helpers.multipart writes before each part
+BOUNDARY_LINE = b"--XyZ-boundary\r\n"  # what tests.support.helpers.multipart writes before each part
 
 
 def sdk(gw: GatewayProcess, secret: str, **kwargs: Any) -> openai.OpenAI:

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream, Recorded
-from tests.helpers import make_key, usage_of
-from tests.images import jpeg, png, sha256
+from tests.support.fake_upstream import FakeUpstream, Recorded
+from tests.support.helpers import make_key, usage_of
+from tests.support.images import jpeg, png, sha256
 
 NODE_DIR = Path(__file__).parent / "node"
 SCRIPT = NODE_DIR / "edit_orders.mjs"

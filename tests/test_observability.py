@@ -20,9 +20,9 @@ import pytest
 
 from gateway.keys import KeyRecord, Limits
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream, _free_port
-from tests.helpers import scrape, value
-from tests.images import png
+from tests.support.fake_upstream import FakeUpstream, _free_port
+from tests.support.helpers import scrape, value
+from tests.support.images import png
 
 
 def keyed_gateway(start_gateway: Callable[..., GatewayProcess], **settings: object

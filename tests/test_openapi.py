@@ -25,7 +25,7 @@ from schemathesis.checks import CheckContext, CheckFunction
 
 from gateway.keys import KeyRecord, Limits
 from tests.conftest import GatewayProcess
-from tests.images import png
+from tests.support.images import png
 
 EXAMPLES = 25  # per operation and gateway in the fuzzing phase; the other phases add their own
 

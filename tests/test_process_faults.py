@@ -28,10 +28,10 @@ from gateway.app import Gateway, create_app
 from gateway.edits import _Edit
 from gateway.keys import KeyRecord, Limits
 from gateway.settings import KeyEntry, Settings
-from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
-from tests.fake_upstream import FakeUpstream, Recorded, _free_port
-from tests.helpers import (
+from tests.support import redis_nodes
+from tests.support.fake_upstream import FakeUpstream, Recorded, _free_port
+from tests.support.helpers import (
     edit_head,
     make_key,
     multipart,
@@ -41,7 +41,7 @@ from tests.helpers import (
     usage_of,
     value,
 )
-from tests.images import png
+from tests.support.images import png
 
 EDITS = "/v1/images/edits"
 T = TypeVar("T")

@@ -309,7 +309,7 @@ def test_grafana_provisioning() -> None:
 def _exporter(request: pytest.FixtureRequest) -> Iterator[str]:
     """A real gateway (conftest's start_gateway) serving /metrics on its own port, as the
     container does, after one edit through the fake upstream."""
-    from tests.images import png
+    from tests.support.images import png
 
     port = _free_port()
     gw = request.getfixturevalue("start_gateway")(metrics_port=port)

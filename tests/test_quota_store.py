@@ -31,7 +31,7 @@ from gateway.quota.base import (
 )
 from gateway.quota.memory import MemoryStore
 from gateway.quota.redis_store import Deadline, RedisStore
-from tests import redis_nodes
+from tests.support import redis_nodes
 
 redis_server = factories.redis_proc(port=None)
 

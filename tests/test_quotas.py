@@ -26,9 +26,9 @@ from gateway.keys import KeyRecord, Limits
 from gateway.quota.redis_store import RedisStore
 from gateway.settings import Settings
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit, edit_head, make_key, multipart, put_key, usage_of
-from tests.images import png
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.helpers import edit, edit_head, make_key, multipart, put_key, usage_of
+from tests.support.images import png
 
 
 def sdk(gw: GatewayProcess, secret: str, **kwargs: object) -> openai.OpenAI:

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from pytest_redis import factories
 
 from gateway.keys import KeyRecord, Limits
-from tests import redis_nodes
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
-from tests.fake_upstream import FakeUpstream, ResettingUpstream, _free_port
-from tests.helpers import (
+from tests.support import redis_nodes
+from tests.support.fake_upstream import FakeUpstream, ResettingUpstream, _free_port
+from tests.support.helpers import (
     edit_head,
     make_key,
     multipart,
@@ -34,7 +34,7 @@ from tests.helpers import (
     usage_of,
     value,
 )
-from tests.images import png
+from tests.support.images import png
 
 
 def _send_then_stall(gw: GatewayProcess, head: bytes, body: bytes, sent: int) -> bytes:

@@ -16,9 +16,9 @@ from collections.abc import Callable
 import httpx
 
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.helpers import make_key, scrape, value
-from tests.images import png
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.helpers import make_key, scrape, value
+from tests.support.images import png
 
 BOUNDARY = "scale-0123456789"
 

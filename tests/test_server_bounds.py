@@ -13,9 +13,9 @@ from collections.abc import Callable
 import pytest
 
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.helpers import edit_head, multipart, scrape, value
-from tests.images import png
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.helpers import edit_head, multipart, scrape, value
+from tests.support.images import png
 
 HEAD_TIMEOUT = 1.0
 PING = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -16,8 +16,8 @@ from gateway.catalog import Catalog
 from gateway.errors import InvalidRequest, SettingsError
 from gateway.settings import load_settings
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream
-from tests.images import png
+from tests.support.fake_upstream import FakeUpstream
+from tests.support.images import png
 
 ROOT = Path(__file__).resolve().parent.parent
 

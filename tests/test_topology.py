@@ -29,9 +29,9 @@ import pytest
 from pytest_redis import factories
 
 from tests.conftest import GatewayProcess
-from tests.fake_upstream import FakeUpstream, _free_port
-from tests.helpers import edit, flush, make_key, multipart, raw_exchange
-from tests.images import png, sha256
+from tests.support.fake_upstream import FakeUpstream, _free_port
+from tests.support.helpers import edit, flush, make_key, multipart, raw_exchange
+from tests.support.images import png, sha256
 from tests.test_deploy_files import local_nginx_conf, nginx_args
 
 topology_redis = factories.redis_proc(port=None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import redis
 
-from tests.fake_upstream import _free_port
+from tests.support.fake_upstream import _free_port
 
 
 def _start(stack: contextlib.ExitStack, port: int, cwd: Path, *args: str) -> None:

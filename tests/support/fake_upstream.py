@@ -22,7 +22,7 @@ import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from tests.images import png
+from tests.support.images import png
 
 IMAGE_B64 = base64.b64encode(png(8, 8)).decode()
 

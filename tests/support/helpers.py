@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import KeyRecord, Limits
 from gateway.quota.redis_store import RedisStore
-from tests.images import png
+from tests.support.images import png
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text

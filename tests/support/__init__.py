@@ -1,0 +1,1 @@
+"""Test support: the fake upstream, Redis topologies, images and request helpers."""
