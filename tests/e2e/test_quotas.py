@@ -98,7 +98,7 @@ def test_reservations_come_back_when_no_answer(keyed, redis_url: str, upstream: 
     assert usage_of(gw.url, secret)["limits"]["images"]["used"] == 0
 
     # The client leaves mid-upload, the upstream request under way: hung up, given back. (Once
-    # the upstream has the whole request it is charged: tests/test_hardening.py.)
+    # the upstream has the whole request it is charged: tests/chaos/test_hardening.py.)
     upstream.reset()
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None), ("n", "3", None),
                              ("image", png(size=4_000_000), "a.png")])

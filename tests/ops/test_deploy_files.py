@@ -1,7 +1,7 @@
 """Static checks of the deployment files (no Docker engine here): docker-compose.yml, the
 Dockerfile, .dockerignore and the nginx config, which the real nginx binary checks with `nginx -t`.
 
-`local_nginx_conf` and `nginx_binary` are shared with tests/test_topology.py, which runs the same
+`local_nginx_conf` and `nginx_binary` are shared with tests/ops/test_topology.py, which runs the same
 nginx config in front of real gateway processes."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 NGINX_CONF = ROOT / "config" / "nginx" / "nginx.conf"

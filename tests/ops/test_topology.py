@@ -1,7 +1,7 @@
 """The compose topology without Docker: the shipped config/nginx/nginx.conf in front of two gateway
 processes sharing one redis-server, the fake upstream behind them, and the official SDK as the
 client. nginx runs from the shipped file with only the lines a local run needs rewritten
-(see tests/test_deploy_files.py: local_nginx_conf)."""
+(see tests/ops/test_deploy_files.py: local_nginx_conf)."""
 
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ import pytest
 from pytest_redis import factories
 
 from tests.conftest import GatewayProcess
+from tests.ops.test_deploy_files import local_nginx_conf, nginx_args
 from tests.support.fake_upstream import FakeUpstream, _free_port
 from tests.support.helpers import edit, flush, make_key, multipart, raw_exchange
 from tests.support.images import png, sha256
-from tests.test_deploy_files import local_nginx_conf, nginx_args
 
 topology_redis = factories.redis_proc(port=None)
 

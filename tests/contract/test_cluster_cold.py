@@ -22,7 +22,7 @@ from tests.support import redis_nodes
 from tests.support.fake_upstream import FakeUpstream
 from tests.support.images import png
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from tests.support.fake_upstream import FakeUpstream, Recorded
 from tests.support.helpers import make_key, usage_of
 from tests.support.images import jpeg, png, sha256
 
-NODE_DIR = Path(__file__).parent / "node"
+NODE_DIR = Path(__file__).parent.parent / "node"
 SCRIPT = NODE_DIR / "edit_orders.mjs"
 FIELDS = ("model", "prompt", "image", "n", "stream", "size")
 ORDERS = list(itertools.permutations(FIELDS))  # 720

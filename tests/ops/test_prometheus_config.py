@@ -26,9 +26,9 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway import metrics
-from tests.test_deploy_files import COMPOSE, image_ports
+from tests.ops.test_deploy_files import COMPOSE, image_ports
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROM_CONFIG = ROOT / "config" / "prometheus" / "prometheus.yml"
 ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
 GRAFANA = ROOT / "config" / "grafana"

@@ -304,7 +304,7 @@ def test_client_disconnect_mid_upload_cancels_upstream(
 def test_client_leaving_after_its_upload_lets_the_upstream_finish(
         gateway: GatewayProcess, upstream: FakeUpstream) -> None:
     """Once the upstream has the whole request it does (and bills) the work: the gateway reads
-    the answer to its end to meter it rather than hanging up (tests/test_hardening.py checks the
+    the answer to its end to meter it rather than hanging up (tests/chaos/test_hardening.py checks the
     charge on a keyed gateway)."""
     upstream.behaviour.delay_headers = 1.5
     body, ctype = multipart([("model", "gpt-image-1", None), ("prompt", "x", None),

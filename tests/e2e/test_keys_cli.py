@@ -23,7 +23,7 @@ from gateway.quota.memory import MemoryStore
 from gateway.quota.redis_store import RedisStore
 from gateway.settings import load_settings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 redis_server = factories.redis_proc(port=None)
 
 

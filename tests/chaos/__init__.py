@@ -1,0 +1,1 @@
+"""Faults: processes killed, Redis away or slow, upstream faults, hostile clients."""
