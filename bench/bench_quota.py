@@ -40,7 +40,7 @@ import httpx
 import redis
 import redis.asyncio as aioredis
 import uvloop
-from bench_edits import (
+from common import (
     HEADERS,
     PATH,
     ROOT,
@@ -48,9 +48,9 @@ from bench_edits import (
     RawClient,
     Server,
     Throughput,
-    _base_env,
-    _free_port,
+    base_env,
     cpu_seconds,
+    free_port,
     latency,
     multipart,
     pct,
@@ -85,7 +85,7 @@ class Stack:
 def _redis_port() -> int:
     """A free loopback port that is not the default Redis port, whatever is on it."""
     for _ in range(20):
-        port = _free_port()
+        port = free_port()
         if port != 6379:
             return port
     raise RuntimeError("no free port")
@@ -99,18 +99,18 @@ def start_redis_and_upstream(logdir: Path, started: list[Server],
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    r_port, up_port = _redis_port(), _free_port()
+    r_port, up_port = _redis_port(), free_port()
     redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
                                     "--save", "", "--appendonly", "no", "--dir", str(logdir)],
-                          _base_env(), r_port, logdir)
+                          base_env(), r_port, logdir)
     started.append(redis_server)
     upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
                                    "--port", str(up_port), *(upstream_args or [])],
-                      _base_env(), up_port, logdir)
+                      base_env(), up_port, logdir)
     started.append(upstream)
     redis_server.wait_ready()
     upstream.wait_ready()
-    env = _base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
+    env = base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
                          "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
                          # info writes the gateway's access lines (the soak counts them by outcome)
                          "GATEWAY_LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning")}
@@ -123,7 +123,7 @@ def stack(logdir: Path) -> Iterator[Stack]:
     started: list[Server] = []
     try:
         redis_server, upstream, url, env = start_redis_and_upstream(logdir, started)
-        on_port, off_port = _free_port(), _free_port()
+        on_port, off_port = free_port(), free_port()
         gateways = {}
         for name, port, extra in ((ON, on_port, {"GATEWAY_REDIS_URL": url}), (OFF, off_port, {})):
             gateways[name] = Server(name.replace(" ", "-"), [sys.executable, "-m", "gateway.cli",

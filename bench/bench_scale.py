@@ -39,24 +39,24 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_edits import (
+from bench_quota import create_key, start_redis_and_upstream
+from common import (
     BENCH,
     HEADERS,
     PATH,
     RssSampler,
     Server,
-    _base_env,
-    _free_port,
-    _status_kb,
+    base_env,
     build_bodies,
     cpu_seconds,
+    free_port,
     pct,
     read_body,
     read_head,
+    status_kb,
     table,
     verdict,
 )
-from bench_quota import create_key, start_redis_and_upstream
 
 DELAY = 5.0
 TARGET_WALL_RATIO = 1.3  # gateway wall / the bare proxy's on the same client library
@@ -98,7 +98,7 @@ def tree_rss_mb(pid: int) -> float:
     total = 0
     for p in _tree(pid):
         with contextlib.suppress(OSError, KeyError):
-            total += _status_kb(p, "VmRSS")
+            total += status_kb(p, "VmRSS")
     return total / 1024
 
 
@@ -149,13 +149,13 @@ def stack(logdir: Path, delay: float, backlog: int, workers: int, log_level: str
             logdir, started, upstream_args=["--delay", str(delay), "--backlog", str(backlog)])
         targets = {"direct": upstream}
         for kind in PROXIES:
-            port = _free_port()
+            port = free_port()
             targets[kind] = Server(
                 kind, [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port),
                        "--upstream", upstream.origin, "--client", kind, "--pool", "0",
-                       "--backlog", str(backlog)], _base_env(), port, logdir)
+                       "--backlog", str(backlog)], base_env(), port, logdir)
             started.append(targets[kind])
-        port = _free_port()
+        port = free_port()
         targets["gateway"] = Server("gateway", [sys.executable, "-m", "gateway.cli", "serve",
                                                 "--port", str(port), "--workers", str(workers)],
                                     env | {"GATEWAY_REDIS_URL": url, "GATEWAY_LOG_LEVEL": log_level},

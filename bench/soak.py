@@ -43,23 +43,23 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import uvloop
-from bench_edits import (
+from bench_quota import create_key, keyed_client, make_store, start_redis_and_upstream
+from common import (
     BOUNDARY,
     MB,
     PROMPT,
     ROOT,
     RawClient,
     Server,
-    _chunks,
-    _free_port,
+    free_port,
     pct,
     read_body,
     read_head,
     table,
+    upload_chunks,
     upstream_stats,
     verdict,
 )
-from bench_quota import create_key, keyed_client, make_store, start_redis_and_upstream
 
 LIMITS = {"rpm": 0, "images_per_day": 10**9, "tokens_per_month": 0, "max_concurrent": 0}
 REQUEST_TIMEOUT = 60.0
@@ -147,7 +147,7 @@ def stack(logdir: Path, read_timeout: float, delay: float = 0.0) -> Iterator[Sta
     try:
         _, _, url, env = start_redis_and_upstream(
             logdir, started, upstream_args=["--delay", str(delay), "--backlog", "4096"])
-        gw_port = _free_port()
+        gw_port = free_port()
         env |= {"GATEWAY_REDIS_URL": url, "GATEWAY_UPSTREAM_READ_TIMEOUT": str(read_timeout)}
         started.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
                                           str(gw_port)], env, gw_port, logdir))
@@ -167,7 +167,7 @@ def soak_client(base: type[RawClient]) -> type[RawClient]:
             for attempt in range(2):
                 (reader, writer), reused = await self._connection()
                 status = 0
-                parts: Iterable[bytes] = _chunks(body) if chunked else (body,)
+                parts: Iterable[bytes] = upload_chunks(body) if chunked else (body,)
                 try:
                     async with asyncio.timeout(REQUEST_TIMEOUT):
                         writer.write(self._head(len(body)))
