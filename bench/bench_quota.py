@@ -34,7 +34,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import redis
@@ -48,20 +47,20 @@ from common import (
     RawClient,
     Server,
     Throughput,
-    base_env,
     cpu_seconds,
+    create_key,
     free_port,
+    keyed_client,
     latency,
+    make_store,
     multipart,
     pct,
+    start_redis_and_upstream,
     table,
     throughput,
     upstream_stats,
     verdict,
 )
-
-if TYPE_CHECKING:
-    from gateway.quota.redis_store import RedisStore
 
 TARGET_ADDED_P50_MS = 1.0  # one Redis round trip on loopback
 ON, OFF = "quotas on", "quotas off"
@@ -80,41 +79,6 @@ class Stack:
     on: Server
     off: Server
     url: str  # redis://... of our own redis-server
-
-
-def _redis_port() -> int:
-    """A free loopback port that is not the default Redis port, whatever is on it."""
-    for _ in range(20):
-        port = free_port()
-        if port != 6379:
-            return port
-    raise RuntimeError("no free port")
-
-
-def start_redis_and_upstream(logdir: Path, started: list[Server],
-                             upstream_args: list[str] | None = None,
-                             ) -> tuple[Server, Server, str, dict[str, str]]:
-    """Our redis-server and the lean upstream, ready (added to `started`, for the caller to
-    stop): them, the Redis URL, and the environment a gateway needs to use the upstream."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    r_port, up_port = _redis_port(), free_port()
-    redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no", "--dir", str(logdir)],
-                          base_env(), r_port, logdir)
-    started.append(redis_server)
-    upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
-                                   "--port", str(up_port), *(upstream_args or [])],
-                      base_env(), up_port, logdir)
-    started.append(upstream)
-    redis_server.wait_ready()
-    upstream.wait_ready()
-    env = base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
-                         "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-                         # info writes the gateway's access lines (the soak counts them by outcome)
-                         "GATEWAY_LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning")}
-    return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
 
 
 @contextlib.contextmanager
@@ -138,50 +102,7 @@ def stack(logdir: Path) -> Iterator[Stack]:
             server.stop()
 
 
-# ------------------------------------------------------------------------------ the key
-def make_store(url: str) -> RedisStore:
-    """A RedisStore as the gateway builds it (default timeout and lease ttl)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from gateway.quota.redis_store import RedisStore
-    from gateway.settings import Settings
-
-    fields = Settings.model_fields  # the defaults, not this shell's GATEWAY_* variables
-    return RedisStore(url, timeout=fields["redis_timeout"].default,
-                      lease_ttl_ms=int(fields["lease_ttl_seconds"].default * 1000))
-
-
-async def create_key(url: str, name: str = "bench", limits: dict[str, int] | None = None
-                     ) -> tuple[str, str, str]:
-    """(secret, key id, key hash) of a new key; by default with limits no run of this benchmark
-    reaches."""
-    from gateway.keys import KeyRecord, Limits
-
-    record, secret = KeyRecord.new(name, Limits(**(LIMITS if limits is None else limits)))
-    store = make_store(url)
-    try:
-        await store.put_key(record)
-    finally:
-        await store.aclose()
-    return secret, record.id, record.hash
-
-
-def keyed_client(secret: str) -> type[RawClient]:
-    """bench_edits' raw client, sending `Authorization: Bearer <secret>` (to both gateways)."""
-    headers = HEADERS | {"authorization": f"Bearer {secret}"}
-
-    class KeyedClient(RawClient):
-        def _head(self, length: int) -> bytes:
-            head = self._heads.get(length)
-            if head is None:
-                lines = [f"POST {PATH} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                         *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {length}"]
-                head = self._heads[length] = ("\r\n".join(lines) + "\r\n\r\n").encode()
-            return head
-
-    return KeyedClient
-
-
+# ------------------------------------------------------------------------------ the check
 async def verify(s: Stack, secret: str, body: bytes) -> None:
     """Quotas really on (401 without the key, rate-limit headers with it), really off on the other."""
     headers = {k: v for k, v in HEADERS.items() if k != "authorization"}
@@ -406,7 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> Results:
-    secret, key_id, key_hash = await create_key(s.url)
+    secret, key_id, key_hash = await create_key(s.url, "bench", LIMITS)
     make = keyed_client(secret)
     await verify(s, secret, bodies["small"])
     print(f"(b) floor: {args.calls} admit + settle pairs straight to Redis ...", flush=True)

@@ -29,7 +29,6 @@ import platform
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -39,22 +38,23 @@ from pathlib import Path
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_quota import create_key, start_redis_and_upstream
 from common import (
     BENCH,
     HEADERS,
     PATH,
-    RssSampler,
     Server,
+    TreeRss,
     base_env,
     build_bodies,
-    cpu_seconds,
+    create_key,
     free_port,
     pct,
     read_body,
     read_head,
-    status_kb,
+    start_redis_and_upstream,
     table,
+    tree_cpu,
+    tree_rss_mb,
     verdict,
 )
 
@@ -79,64 +79,6 @@ class Burst:
     @property
     def ok(self) -> int:
         return self.statuses.get("200", 0)
-
-
-def _tree(pid: int) -> list[int]:
-    """A process and its descendants (a gateway with --workers: its worker processes)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-    return out
-
-
-def tree_rss_mb(pid: int) -> float:
-    total = 0
-    for p in _tree(pid):
-        with contextlib.suppress(OSError, KeyError):
-            total += status_kb(p, "VmRSS")
-    return total / 1024
-
-
-def tree_cpu(pid: int) -> float:
-    total = 0.0
-    for p in _tree(pid):
-        with contextlib.suppress(OSError, ValueError):
-            total += cpu_seconds(p)
-    return total
-
-
-class TreeRss:
-    """The peak of a process tree's summed VmRSS, sampled every 50 ms in a thread (with one
-    process, VmHWM also catches a peak between samples)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak_mb = 0.0
-        self._single = RssSampler(pid, interval=0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeRss:
-        self._single.__enter__()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._single.__exit__(*exc)
-        if len(_tree(self.pid)) == 1:
-            self.peak_mb = max(self.peak_mb, self._single.peak_kb / 1024)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.pid))
-            self._stop.wait(0.05)
 
 
 @contextlib.contextmanager

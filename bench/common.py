@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,8 +22,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+
+if TYPE_CHECKING:
+    from gateway.quota.redis_store import RedisStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -97,6 +102,67 @@ def base_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def _redis_port() -> int:
+    """A free loopback port that is not the default Redis port, whatever is on it."""
+    for _ in range(20):
+        port = free_port()
+        if port != 6379:
+            return port
+    raise RuntimeError("no free port")
+
+
+def start_redis_and_upstream(logdir: Path, started: list[Server],
+                             upstream_args: list[str] | None = None,
+                             ) -> tuple[Server, Server, str, dict[str, str]]:
+    """Our redis-server and the lean upstream, ready (added to `started`, for the caller to
+    stop): them, the Redis URL, and the environment a gateway needs to use the upstream."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
+    r_port, up_port = _redis_port(), free_port()
+    redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
+                                    "--save", "", "--appendonly", "no", "--dir", str(logdir)],
+                          base_env(), r_port, logdir)
+    started.append(redis_server)
+    upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
+                                   "--port", str(up_port), *(upstream_args or [])],
+                      base_env(), up_port, logdir)
+    started.append(upstream)
+    redis_server.wait_ready()
+    upstream.wait_ready()
+    env = base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
+                         "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
+                         # info writes the gateway's access lines (the soak counts them by outcome)
+                         "GATEWAY_LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning")}
+    return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
+
+
+# ------------------------------------------------------------------------------ keys
+def make_store(url: str) -> RedisStore:
+    """A RedisStore as the gateway builds it (default timeout and lease ttl)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from gateway.quota.redis_store import RedisStore
+    from gateway.settings import Settings
+
+    fields = Settings.model_fields  # the defaults, not this shell's GATEWAY_* variables
+    return RedisStore(url, timeout=fields["redis_timeout"].default,
+                      lease_ttl_ms=int(fields["lease_ttl_seconds"].default * 1000))
+
+
+async def create_key(url: str, name: str, limits: dict[str, int]) -> tuple[str, str, str]:
+    """(secret, key id, key hash) of a new key with these limits, put straight into Redis."""
+    from gateway.keys import KeyRecord, Limits
+
+    record, secret = KeyRecord.new(name, Limits(**limits))
+    store = make_store(url)
+    try:
+        await store.put_key(record)
+    finally:
+        await store.aclose()
+    return secret, record.id, record.hash
 
 
 # ------------------------------------------------------------------------------ bodies
@@ -239,6 +305,22 @@ class RawClient(EditClient):
         self._idle.clear()
 
 
+def keyed_client(secret: str) -> type[RawClient]:
+    """The raw client, sending `Authorization: Bearer <secret>` (to both gateways)."""
+    headers = HEADERS | {"authorization": f"Bearer {secret}"}
+
+    class KeyedClient(RawClient):
+        def _head(self, length: int) -> bytes:
+            head = self._heads.get(length)
+            if head is None:
+                lines = [f"POST {PATH} HTTP/1.1", f"Host: {self.host}:{self.port}",
+                         *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {length}"]
+                head = self._heads[length] = ("\r\n".join(lines) + "\r\n\r\n").encode()
+            return head
+
+    return KeyedClient
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
     """(status, body, keep-alive) of one HTTP/1.1 response: Content-Length, chunked or close."""
     status, headers = await read_head(reader)
@@ -280,21 +362,6 @@ async def upstream_stats(origin: str) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------ latency
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process: schedstat's nanoseconds summed over its threads (/proc/PID/stat
-    counts in 10 ms ticks, too coarse for short blocks)."""
-    try:
-        total = 0
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
-                total += int(f.read().split()[0])
-        return total / 1e9
-    except (OSError, ValueError):
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def pct(values: list[float], p: float) -> float:
     """Nearest-rank percentile: p99 of 2000 samples is the 1980th, no interpolation."""
     ordered = sorted(values)
@@ -402,7 +469,22 @@ async def throughput(targets: dict[str, Server], make: type[EditClient], body: b
             for n in names}
 
 
-# -------------------------------------------------------------------------------- memory
+# ------------------------------------------------------------------------ CPU and memory
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process: schedstat's nanoseconds summed over its threads (/proc/PID/stat
+    counts in 10 ms ticks, too coarse for short blocks)."""
+    try:
+        total = 0
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total / 1e9
+    except (OSError, ValueError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def status_kb(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -444,6 +526,64 @@ class RssSampler:
             self.peak_kb = max(self.peak_kb, status_kb(self.pid, "VmRSS"))
             self.samples += 1
             self._stop.wait(self.interval)
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and its descendants (a gateway with --workers: its worker processes)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+    return out
+
+
+def tree_rss_mb(pid: int) -> float:
+    total = 0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError, KeyError):
+            total += status_kb(p, "VmRSS")
+    return total / 1024
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    for p in _tree(pid):
+        with contextlib.suppress(OSError, ValueError):
+            total += cpu_seconds(p)
+    return total
+
+
+class TreeRss:
+    """The peak of a process tree's summed VmRSS, sampled every 50 ms in a thread (with one
+    process, VmHWM also catches a peak between samples)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_mb = 0.0
+        self._single = RssSampler(pid, interval=0.05)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> TreeRss:
+        self._single.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self._single.__exit__(*exc)
+        if len(_tree(self.pid)) == 1:
+            self.peak_mb = max(self.peak_mb, self._single.peak_kb / 1024)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.pid))
+            self._stop.wait(0.05)
 
 
 # --------------------------------------------------------------------------------- report

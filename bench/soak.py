@@ -43,7 +43,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import uvloop
-from bench_quota import create_key, keyed_client, make_store, start_redis_and_upstream
 from common import (
     BOUNDARY,
     MB,
@@ -51,10 +50,14 @@ from common import (
     ROOT,
     RawClient,
     Server,
+    create_key,
     free_port,
+    keyed_client,
+    make_store,
     pct,
     read_body,
     read_head,
+    start_redis_and_upstream,
     table,
     upload_chunks,
     upstream_stats,
