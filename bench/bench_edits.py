@@ -21,9 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
-import shlex
 import signal
 import statistics
 import sys
@@ -34,9 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import uvloop
 from common import (
-    BENCH,
     HEADERS,
     PATH,
     REQUEST_TIMEOUT,
@@ -47,13 +42,18 @@ from common import (
     RssSampler,
     Server,
     Throughput,
-    base_env,
     build_bodies,
     check_answer,
-    free_port,
+    command_line,
+    gateway_env,
+    gateway_server,
     latency,
+    machine,
     pct,
+    run_logged,
+    script_server,
     status_kb,
+    stopping,
     table,
     throughput,
     upload_chunks,
@@ -71,38 +71,23 @@ TARGET_RSS_GROWTH_MB = 40.0
 @contextlib.contextmanager
 def servers(logdir: Path, client: str = "httpx-aiohttp") -> Iterator[dict[str, Server]]:
     """The upstream, the pass-through and the gateway, stopped whatever happens."""
-    started: list[Server] = []
-    try:
-        up_port, pt_port, gw_port, ch_port = free_port(), free_port(), free_port(), free_port()
-        upstream = Server("upstream", [sys.executable, str(BENCH / "upstream.py"), "--port",
-                                       str(up_port)], base_env(), up_port, logdir)
+    with stopping() as started:
+        upstream = script_server("upstream", "upstream.py", logdir)
         started.append(upstream)
         upstream.wait_ready()
-        passthrough = Server("passthrough", [sys.executable, str(BENCH / "passthrough.py"),
-                                             "--port", str(pt_port), "--upstream", upstream.origin,
-                                             "--client", client], base_env(), pt_port, logdir)
+        passthrough = script_server("passthrough", "passthrough.py", logdir,
+                                    "--upstream", upstream.origin, "--client", client)
         started.append(passthrough)
-        chunked = Server("chunked", [sys.executable, str(BENCH / "passthrough.py"), "--port",
-                                     str(ch_port), "--upstream", upstream.origin, "--chunked",
-                                     "--client", client],
-                         base_env(), ch_port, logdir)
+        chunked = script_server("chunked", "passthrough.py", logdir,
+                                "--upstream", upstream.origin, "--chunked", "--client", client)
         started.append(chunked)
-        gw_env = base_env() | {
-            "GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
-            "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-            "GATEWAY_LOG_LEVEL": "warning",
-        }
-        gateway = Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
-                                     str(gw_port)], gw_env, gw_port, logdir)
+        gateway = gateway_server("gateway", gateway_env(upstream), logdir)
         started.append(gateway)
         passthrough.wait_ready()
         chunked.wait_ready()
         gateway.wait_ready()
         yield {"direct": upstream, "passthrough": passthrough, "gateway": gateway,
                "chunked": chunked}
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 # ------------------------------------------------------------------------------- clients
@@ -304,25 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the `finally` blocks stop the servers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
-    facts = (f"machine: nproc={os.cpu_count()}, {platform.python_implementation()} "
-             f"{platform.python_version()}, {platform.system()} {platform.release()}, "
-             f"httpx {httpx.__version__}")
+    command = command_line(__file__, argv)
+    facts = machine(f"httpx {httpx.__version__}")
     print(facts, flush=True)
     bodies = build_bodies()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-edits-") as tmp, \
             servers(Path(tmp), args.passthrough_client) as targets:
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                results = runner.run(run(targets, bodies, args))
-        except Exception:
-            for server in targets.values():
-                print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-            raise
-        for server in targets.values():
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+        results = run_logged(targets.values(), run(targets, bodies, args))
     text, ok = report(results, args)
     sizes = ", ".join(f"{k}={len(v):,} B" for k, v in bodies.items())
     print()

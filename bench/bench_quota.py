@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
 import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -38,7 +35,6 @@ from pathlib import Path
 import httpx
 import redis
 import redis.asyncio as aioredis
-import uvloop
 from common import (
     HEADERS,
     PATH,
@@ -47,15 +43,19 @@ from common import (
     RawClient,
     Server,
     Throughput,
+    command_line,
     cpu_seconds,
     create_key,
-    free_port,
+    gateway_server,
     keyed_client,
     latency,
+    machine,
     make_store,
     multipart,
     pct,
+    run_logged,
     start_redis_and_upstream,
+    stopping,
     table,
     throughput,
     upstream_stats,
@@ -84,22 +84,15 @@ class Stack:
 @contextlib.contextmanager
 def stack(logdir: Path) -> Iterator[Stack]:
     """Our redis-server, the fake upstream and both gateways, stopped whatever happens."""
-    started: list[Server] = []
-    try:
+    with stopping() as started:
         redis_server, upstream, url, env = start_redis_and_upstream(logdir, started)
-        on_port, off_port = free_port(), free_port()
         gateways = {}
-        for name, port, extra in ((ON, on_port, {"GATEWAY_REDIS_URL": url}), (OFF, off_port, {})):
-            gateways[name] = Server(name.replace(" ", "-"), [sys.executable, "-m", "gateway.cli",
-                                                             "serve", "--port", str(port)],
-                                    env | extra, port, logdir)
+        for name, extra in ((ON, {"GATEWAY_REDIS_URL": url}), (OFF, {})):
+            gateways[name] = gateway_server(name.replace(" ", "-"), env | extra, logdir)
             started.append(gateways[name])
         for server in gateways.values():
             server.wait_ready()
         yield Stack(redis_server, upstream, gateways[ON], gateways[OFF], url)
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 # ------------------------------------------------------------------------------ the check
@@ -350,13 +343,12 @@ async def run(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> R
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
-    command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
+    command = command_line(__file__, argv)
     binary = shutil.which("redis-server")
     version = subprocess.run([binary, "--version"], capture_output=True, text=True,
                              check=False).stdout.split() if binary else []
-    facts = (f"machine: nproc={os.cpu_count()}, {platform.python_implementation()} "
-             f"{platform.python_version()}, {platform.system()} {platform.release()}, "
-             f"redis-py {redis.__version__}, {' '.join(version[:3]) if version else 'no redis'}")
+    facts = machine(f"redis-py {redis.__version__}",
+                    " ".join(version[:3]) if version else "no redis")
     print(facts, flush=True)
     sys.path.insert(0, str(ROOT))
     from tests.images import png
@@ -364,17 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     bodies = {"small": multipart(png(64, 64)), "1mb": multipart(png(1024, 1024, size=1_000_000))}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-quota-") as tmp, stack(Path(tmp)) as s:
-        servers = (s.redis, s.upstream, s.on, s.off)
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                results = runner.run(run(s, bodies, args))
-        except Exception:
-            for server in servers:
-                print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-            raise
-        for server in servers:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+        results = run_logged((s.redis, s.upstream, s.on, s.off), run(s, bodies, args))
     text, ok = report(results, args)
     print()
     print(f"command: {command}")

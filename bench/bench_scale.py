@@ -39,19 +39,19 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
-    BENCH,
     HEADERS,
     PATH,
     Server,
     TreeRss,
-    base_env,
     build_bodies,
     create_key,
-    free_port,
+    gateway_server,
     pct,
     read_body,
     read_head,
+    script_server,
     start_redis_and_upstream,
+    stopping,
     table,
     tree_cpu,
     tree_rss_mb,
@@ -85,30 +85,22 @@ class Burst:
 def stack(logdir: Path, delay: float, backlog: int, workers: int, log_level: str
           ) -> Iterator[tuple[dict[str, Server], str]]:
     """Redis, the slow upstream, the bare proxies and the gateway; stopped whatever happens."""
-    started: list[Server] = []
-    try:
+    with stopping() as started:
         _, upstream, url, env = start_redis_and_upstream(
             logdir, started, upstream_args=["--delay", str(delay), "--backlog", str(backlog)])
         targets = {"direct": upstream}
         for kind in PROXIES:
-            port = free_port()
-            targets[kind] = Server(
-                kind, [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port),
-                       "--upstream", upstream.origin, "--client", kind, "--pool", "0",
-                       "--backlog", str(backlog)], base_env(), port, logdir)
+            targets[kind] = script_server(kind, "passthrough.py", logdir, "--upstream",
+                                          upstream.origin, "--client", kind, "--pool", "0",
+                                          "--backlog", str(backlog))
             started.append(targets[kind])
-        port = free_port()
-        targets["gateway"] = Server("gateway", [sys.executable, "-m", "gateway.cli", "serve",
-                                                "--port", str(port), "--workers", str(workers)],
-                                    env | {"GATEWAY_REDIS_URL": url, "GATEWAY_LOG_LEVEL": log_level},
-                                    port, logdir)
+        targets["gateway"] = gateway_server(
+            "gateway", env | {"GATEWAY_REDIS_URL": url, "GATEWAY_LOG_LEVEL": log_level}, logdir,
+            "--workers", str(workers))
         started.append(targets["gateway"])
         for server in targets.values():
             server.wait_ready()
         yield targets, url
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 async def one(host: str, port: int, head: bytes, body: bytes, out: Burst) -> None:

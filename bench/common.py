@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import platform
+import shlex
 import shutil
 import signal
 import socket
@@ -19,12 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
+import uvloop
 
 if TYPE_CHECKING:
     from gateway.quota.redis_store import RedisStore
@@ -36,6 +39,8 @@ BOUNDARY = "bench-0123456789abcdef"
 PROMPT = "Make the sky a deep sunset orange and add a small red kite."
 UPLOAD_CHUNK = 256 * 1024
 REQUEST_TIMEOUT = httpx.Timeout(60.0)
+
+T = TypeVar("T")
 
 
 # ------------------------------------------------------------------------------ processes
@@ -104,6 +109,39 @@ def base_env() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def stopping() -> Iterator[list[Server]]:
+    """A list for the servers a stack starts; all are stopped at the end, last first, whatever
+    happens."""
+    started: list[Server] = []
+    try:
+        yield started
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def script_server(name: str, script: str, logdir: Path, *args: str) -> Server:
+    """bench/SCRIPT (upstream.py, passthrough.py) on a free port, with `args` after --port."""
+    port = free_port()
+    return Server(name, [sys.executable, str(BENCH / script), "--port", str(port), *args],
+                  base_env(), port, logdir)
+
+
+def gateway_server(name: str, env: dict[str, str], logdir: Path, *args: str) -> Server:
+    """`python -m gateway.cli serve` on a free port, with `args` after --port."""
+    port = free_port()
+    return Server(name, [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), *args],
+                  env, port, logdir)
+
+
+def gateway_env(upstream: Server, log_level: str = "warning") -> dict[str, str]:
+    """The environment of a gateway in front of the fake upstream."""
+    return base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
+                         "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
+                         "GATEWAY_LOG_LEVEL": log_level}
+
+
 def _redis_port() -> int:
     """A free loopback port that is not the default Redis port, whatever is on it."""
     for _ in range(20):
@@ -121,22 +159,47 @@ def start_redis_and_upstream(logdir: Path, started: list[Server],
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    r_port, up_port = _redis_port(), free_port()
+    r_port = _redis_port()
     redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
                                     "--save", "", "--appendonly", "no", "--dir", str(logdir)],
                           base_env(), r_port, logdir)
     started.append(redis_server)
-    upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
-                                   "--port", str(up_port), *(upstream_args or [])],
-                      base_env(), up_port, logdir)
+    upstream = script_server("upstream", "upstream.py", logdir, *(upstream_args or []))
     started.append(upstream)
     redis_server.wait_ready()
     upstream.wait_ready()
-    env = base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
-                         "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-                         # info writes the gateway's access lines (the soak counts them by outcome)
-                         "GATEWAY_LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning")}
+    # info writes the gateway's access lines (the soak counts them by outcome)
+    env = gateway_env(upstream, os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning"))
     return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
+
+
+def run_logged(servers: Iterable[Server], main: Coroutine[Any, Any, T]) -> T:
+    """`main` on a uvloop event loop. On an error each server's log tail goes to stderr before
+    the error does; a server that died meanwhile is an error too."""
+    servers = list(servers)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            result = runner.run(main)
+    except Exception:
+        for server in servers:
+            print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
+        raise
+    for server in servers:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+    return result
+
+
+def machine(*versions: str) -> str:
+    """The report's facts line: cores, Python, kernel, then `versions`."""
+    return ", ".join([f"machine: nproc={os.cpu_count()}",
+                      f"{platform.python_implementation()} {platform.python_version()}",
+                      f"{platform.system()} {platform.release()}", *versions])
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command as it was run (`python bench/NAME.py ...`), for the report."""
+    return shlex.join(["python", *(sys.argv if argv is None else [script, *argv])])
 
 
 # ------------------------------------------------------------------------------ keys

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import random
 import re
-import shlex
 import signal
 import statistics
 import sys
@@ -42,7 +41,6 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import uvloop
 from common import (
     BOUNDARY,
     MB,
@@ -50,14 +48,17 @@ from common import (
     ROOT,
     RawClient,
     Server,
+    command_line,
     create_key,
-    free_port,
+    gateway_server,
     keyed_client,
     make_store,
     pct,
     read_body,
     read_head,
+    run_logged,
     start_redis_and_upstream,
+    stopping,
     table,
     upload_chunks,
     upstream_stats,
@@ -146,19 +147,13 @@ class Stack:
 @contextlib.contextmanager
 def stack(logdir: Path, read_timeout: float, delay: float = 0.0) -> Iterator[Stack]:
     """Our redis-server, the lean upstream and one quota gateway, stopped whatever happens."""
-    started: list[Server] = []
-    try:
+    with stopping() as started:
         _, _, url, env = start_redis_and_upstream(
             logdir, started, upstream_args=["--delay", str(delay), "--backlog", "4096"])
-        gw_port = free_port()
         env |= {"GATEWAY_REDIS_URL": url, "GATEWAY_UPSTREAM_READ_TIMEOUT": str(read_timeout)}
-        started.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
-                                          str(gw_port)], env, gw_port, logdir))
+        started.append(gateway_server("gateway", env, logdir))
         started[2].wait_ready()
         yield Stack(*started, url)
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 def soak_client(base: type[RawClient]) -> type[RawClient]:
@@ -396,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
                              + ", ".join(KINDS))
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
-    command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
+    command = command_line(__file__, argv)
     sys.path.insert(0, str(ROOT))
     from tests.images import png
 
@@ -409,16 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         with stack(Path(tmp), args.read_timeout, args.delay) as s:
-            try:
-                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                    text, ok = runner.run(soak(s, kinds, bodies, args))
-            except Exception:
-                for server in (s.redis, s.upstream, s.gateway):
-                    print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-                raise
-            for server in (s.redis, s.upstream, s.gateway):
-                if server.proc.poll() is not None:
-                    raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+            text, ok = run_logged((s.redis, s.upstream, s.gateway), soak(s, kinds, bodies, args))
         logs = {name: log_summary(Path(tmp) / f"{name}.log") for name in ("upstream", "gateway")}
     print(f"\ncommand: {command}")
     print(f"key limits: {LIMITS}; gateway upstream read timeout {args.read_timeout:g} s; upstream "
