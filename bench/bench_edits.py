@@ -50,6 +50,7 @@ from common import (
     latency,
     machine,
     pct,
+    rss_mb,
     run_logged,
     script_server,
     status_kb,
@@ -98,7 +99,7 @@ class HttpxClient(EditClient):
     def __init__(self, origin: str, connections: int) -> None:
         self.origin = origin
         self.client = httpx.AsyncClient(
-            base_url=origin, timeout=REQUEST_TIMEOUT, trust_env=False,
+            base_url=origin, timeout=httpx.Timeout(REQUEST_TIMEOUT), trust_env=False,
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections))
 
     async def post(self, body: bytes) -> None:
@@ -268,7 +269,7 @@ async def verify(targets: dict[str, Server], make: type[EditClient], body: bytes
 
 async def run(targets: dict[str, Server], bodies: dict[str, bytes],
               args: argparse.Namespace) -> Results:
-    start_rss = {n: status_kb(s.pid, "VmRSS") / 1024 for n, s in targets.items()}
+    start_rss = {n: rss_mb(s.pid) for n, s in targets.items()}
     make = CLIENTS[args.client]
     await verify(targets, make, bodies["1mb"])
     # The chunked pass-through only joins the throughput run, as a second, same-framing baseline.
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line(__file__, argv)
     facts = machine(f"httpx {httpx.__version__}")
     print(facts, flush=True)
-    bodies = build_bodies()
+    bodies = build_bodies("small", "1mb", "25mb")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-edits-") as tmp, \
             servers(Path(tmp), args.passthrough_client) as targets:

@@ -43,6 +43,7 @@ from common import (
     RawClient,
     Server,
     Throughput,
+    build_bodies,
     command_line,
     cpu_seconds,
     create_key,
@@ -51,7 +52,6 @@ from common import (
     latency,
     machine,
     make_store,
-    multipart,
     pct,
     run_logged,
     start_redis_and_upstream,
@@ -350,10 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     facts = machine(f"redis-py {redis.__version__}",
                     " ".join(version[:3]) if version else "no redis")
     print(facts, flush=True)
-    sys.path.insert(0, str(ROOT))
-    from tests.images import png
-
-    bodies = {"small": multipart(png(64, 64)), "1mb": multipart(png(1024, 1024, size=1_000_000))}
+    bodies = build_bodies("small", "1mb")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-quota-") as tmp, stack(Path(tmp)) as s:
         results = run_logged((s.redis, s.upstream, s.on, s.off), run(s, bodies, args))

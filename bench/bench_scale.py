@@ -36,11 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     HEADERS,
-    PATH,
     Server,
     TreeRss,
     build_bodies,
@@ -49,6 +46,7 @@ from common import (
     pct,
     read_body,
     read_head,
+    request_head,
     script_server,
     start_redis_and_upstream,
     stopping,
@@ -130,9 +128,7 @@ async def one(host: str, port: int, head: bytes, body: bytes, out: Burst) -> Non
 async def burst(server: Server, secret: str, body: bytes, n: int) -> Burst:
     """N edits at once, one connection each, to one target."""
     headers = HEADERS | {"authorization": f"Bearer {secret}", "connection": "close"}
-    lines = [f"POST {PATH} HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
-             *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {len(body)}"]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    head = request_head("127.0.0.1", server.port, headers, len(body))
     out = Burst(0.0, Counter(), [], tree_rss_mb(server.pid), 0.0, 0.0)
     cpu = tree_cpu(server.pid)
     with TreeRss(server.pid) as rss:
@@ -207,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
-    body = build_bodies()["small"]
+    body = build_bodies("small")["small"]
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp, \
             stack(Path(tmp), args.delay, args.backlog, args.workers, args.log_level) \
             as (targets, url):

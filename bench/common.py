@@ -38,9 +38,15 @@ MB = 1024 * 1024
 BOUNDARY = "bench-0123456789abcdef"
 PROMPT = "Make the sky a deep sunset orange and add a small red kite."
 UPLOAD_CHUNK = 256 * 1024
-REQUEST_TIMEOUT = httpx.Timeout(60.0)
+REQUEST_TIMEOUT = 60.0  # seconds a request may take, start to end
 
 T = TypeVar("T")
+
+
+def _root_on_path() -> None:
+    """The repository's root on sys.path, for `gateway` and `tests` (a script runs from bench/)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
 
 
 # ------------------------------------------------------------------------------ processes
@@ -205,8 +211,7 @@ def command_line(script: str, argv: list[str] | None) -> str:
 # ------------------------------------------------------------------------------ keys
 def make_store(url: str) -> RedisStore:
     """A RedisStore as the gateway builds it (default timeout and lease ttl)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
+    _root_on_path()
     from gateway.quota.redis_store import RedisStore
     from gateway.settings import Settings
 
@@ -217,6 +222,7 @@ def make_store(url: str) -> RedisStore:
 
 async def create_key(url: str, name: str, limits: dict[str, int]) -> tuple[str, str, str]:
     """(secret, key id, key hash) of a new key with these limits, put straight into Redis."""
+    _root_on_path()
     from gateway.keys import KeyRecord, Limits
 
     record, secret = KeyRecord.new(name, Limits(**limits))
@@ -229,11 +235,11 @@ async def create_key(url: str, name: str, limits: dict[str, int]) -> tuple[str, 
 
 
 # ------------------------------------------------------------------------------ bodies
-def multipart(image: bytes) -> bytes:
-    """model, prompt, then image: the order the OpenAI Python SDK sends them in."""
+def multipart(image: bytes, prompt: str = PROMPT, fields: Iterable[tuple[str, str]] = ()) -> bytes:
+    """model, prompt, `fields`, then image: the order the OpenAI Python SDK sends them in."""
     b = BOUNDARY.encode()
     out = b""
-    for name, value in (("model", "gpt-image-1"), ("prompt", PROMPT)):
+    for name, value in (("model", "gpt-image-1"), ("prompt", prompt), *fields):
         out += (b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode()
                 + b'"\r\n\r\n' + value.encode() + b"\r\n")
     out += (b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="image.png"'
@@ -241,16 +247,21 @@ def multipart(image: bytes) -> bytes:
     return out
 
 
-def build_bodies() -> dict[str, bytes]:
-    """Valid PNGs from the test suite's builder (header real, the rest random)."""
-    sys.path.insert(0, str(ROOT))
+IMAGES = {"small": (64, 64, 0), "1mb": (1024, 1024, 1_000_000), "25mb": (2048, 2048, 25 * MB)}
+
+
+def images(*names: str) -> dict[str, bytes]:
+    """PNGs by name (IMAGES: width, height, bytes) from the test suite's builder (header real,
+    the rest random)."""
+    _root_on_path()
     from tests.images import png
 
-    return {
-        "small": multipart(png(64, 64)),
-        "1mb": multipart(png(1024, 1024, size=1_000_000)),
-        "25mb": multipart(png(2048, 2048, size=25 * MB)),
-    }
+    return {name: png(IMAGES[name][0], IMAGES[name][1], size=IMAGES[name][2]) for name in names}
+
+
+def build_bodies(*names: str) -> dict[str, bytes]:
+    """The edit bodies (`multipart`) of `images(*names)`, by name."""
+    return {name: multipart(image) for name, image in images(*names).items()}
 
 
 # ------------------------------------------------------------------------------ client
@@ -263,6 +274,13 @@ def check_answer(origin: str, status: int, body: bytes) -> None:
     """Anything but a 200 with an image stops the benchmark: a fast error is not a result."""
     if status != 200 or b"b64_json" not in body:
         raise RuntimeError(f"{origin} answered {status}: {body[:300]!r}")
+
+
+def request_head(host: str, port: int, headers: dict[str, str], length: int) -> bytes:
+    """The head of a POST to PATH with a body of `length` bytes."""
+    lines = [f"POST {PATH} HTTP/1.1", f"Host: {host}:{port}",
+             *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {length}"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
 def upload_chunks(body: bytes) -> Iterator[bytes]:
@@ -293,6 +311,8 @@ class RawClient(EditClient):
     """HTTP/1.1 keep-alive over asyncio streams with a prebuilt request head: a few tens of
     microseconds of client CPU per request, so the servers get the cores."""
 
+    headers = HEADERS
+
     def __init__(self, origin: str, connections: int) -> None:
         self.origin = origin
         host, port = origin.removeprefix("http://").split(":")
@@ -304,10 +324,12 @@ class RawClient(EditClient):
     def _head(self, length: int) -> bytes:
         head = self._heads.get(length)
         if head is None:
-            lines = [f"POST {PATH} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                     *(f"{k}: {v}" for k, v in HEADERS.items()), f"Content-Length: {length}"]
-            head = self._heads[length] = ("\r\n".join(lines) + "\r\n\r\n").encode()
+            head = self._heads[length] = request_head(self.host, self.port, self.headers, length)
         return head
+
+    def _forget(self, writer: asyncio.StreamWriter) -> None:
+        self._open.discard(writer)
+        writer.close()
 
     async def _connection(self) -> tuple[Conn, bool]:
         """An idle connection the server has not closed (uvicorn drops them after 5 s), else a
@@ -316,8 +338,7 @@ class RawClient(EditClient):
             reader, writer = self._idle.pop()
             if not reader.at_eof() and not writer.is_closing():
                 return (reader, writer), True
-            self._open.discard(writer)
-            writer.close()
+            self._forget(writer)
         reader, writer = await asyncio.open_connection(self.host, self.port)
         self._open.add(writer)
         return (reader, writer), False
@@ -331,28 +352,25 @@ class RawClient(EditClient):
         for attempt in range(2):
             (reader, writer), reused = await self._connection()
             try:
-                async with asyncio.timeout(REQUEST_TIMEOUT.read or 60):
+                async with asyncio.timeout(REQUEST_TIMEOUT):
                     writer.write(self._head(len(body)))
                     for part in parts():
                         writer.write(part)
                         await writer.drain()
                     status, answer, keep = await read_response(reader)
             except (ConnectionError, asyncio.IncompleteReadError):
-                self._open.discard(writer)
-                writer.close()
+                self._forget(writer)
                 if reused and attempt == 0:
                     continue  # closed by the server while idle: retry once, as httpx does
                 raise
             except BaseException:
-                self._open.discard(writer)
-                writer.close()
+                self._forget(writer)
                 raise
             break
         if keep:
             self._idle.append((reader, writer))
         else:
-            self._open.discard(writer)
-            writer.close()
+            self._forget(writer)
         return status, answer
 
     async def post(self, body: bytes) -> None:
@@ -369,17 +387,10 @@ class RawClient(EditClient):
 
 
 def keyed_client(secret: str) -> type[RawClient]:
-    """The raw client, sending `Authorization: Bearer <secret>` (to both gateways)."""
-    headers = HEADERS | {"authorization": f"Bearer {secret}"}
+    """The raw client, sending `Authorization: Bearer <secret>`."""
 
     class KeyedClient(RawClient):
-        def _head(self, length: int) -> bytes:
-            head = self._heads.get(length)
-            if head is None:
-                lines = [f"POST {PATH} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                         *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {length}"]
-                head = self._heads[length] = ("\r\n".join(lines) + "\r\n\r\n").encode()
-            return head
+        headers = HEADERS | {"authorization": f"Bearer {secret}"}
 
     return KeyedClient
 
@@ -554,6 +565,10 @@ def status_kb(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise KeyError(key)
+
+
+def rss_mb(pid: int) -> float:
+    return status_kb(pid, "VmRSS") / 1024
 
 
 class RssSampler:

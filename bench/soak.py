@@ -42,20 +42,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from common import (
-    BOUNDARY,
     MB,
     PROMPT,
-    ROOT,
+    REQUEST_TIMEOUT,
     RawClient,
     Server,
     command_line,
     create_key,
     gateway_server,
+    images,
     keyed_client,
     make_store,
+    multipart,
     pct,
     read_body,
     read_head,
+    rss_mb,
     run_logged,
     start_redis_and_upstream,
     stopping,
@@ -66,7 +68,6 @@ from common import (
 )
 
 LIMITS = {"rpm": 0, "images_per_day": 10**9, "tokens_per_month": 0, "max_concurrent": 0}
-REQUEST_TIMEOUT = 60.0
 STREAM = (("stream", "true"), ("n", "2"), ("partial_images", "1"))
 COMPLETED = b"event: image_edit.completed"
 _MASK = re.compile(r"\b(?:req|key)_[0-9a-f]+|\d+")
@@ -126,14 +127,7 @@ def charged(kind: Kind, outcome: str) -> int:
 
 def form(kind: Kind, image: bytes) -> bytes:
     """model, prompt, the kind's fields, then the image: the OpenAI Python SDK's order."""
-    prompt = f"[fault:{kind.fault}] {PROMPT}" if kind.fault else PROMPT
-    out = b""
-    for name, value in (("model", "gpt-image-1"), ("prompt", prompt), *kind.fields):
-        out += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                f"{value}\r\n").encode()
-    return (out + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; '
-            'filename="image.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
-            + image + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return multipart(image, f"[fault:{kind.fault}] {PROMPT}" if kind.fault else PROMPT, kind.fields)
 
 
 @dataclasses.dataclass
@@ -191,10 +185,6 @@ def soak_client(base: type[RawClient]) -> type[RawClient]:
                 return status, answer, False
             raise AssertionError("unreachable")
 
-        def _forget(self, writer: asyncio.StreamWriter) -> None:
-            self._open.discard(writer)
-            writer.close()
-
     return SoakClient
 
 
@@ -208,14 +198,6 @@ def classify(status: int, answer: bytes, cut: bool) -> tuple[str, int]:
         images = answer.count(COMPLETED)
         return ("cut-stream" if b"\nevent: error\n" in b"\n" + answer else "ok"), images
     return "ok", answer.count(b'"b64_json"')
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 async def settled_usage(url: str, key_id: str) -> tuple[int, int, int]:
@@ -392,15 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
     command = command_line(__file__, argv)
-    sys.path.insert(0, str(ROOT))
-    from tests.images import png
-
     kinds = dict(KINDS)
     for name, w in args.weight:
         kinds[name] = dataclasses.replace(kinds[name], weight=w)
-    images = {"small": png(64, 64), "1mb": png(1024, 1024, size=1_000_000),
-              "25mb": png(2048, 2048, size=25 * MB)}
-    bodies = {name: form(kind, images[kind.image]) for name, kind in kinds.items()}
+    pngs = images("small", "1mb", "25mb")
+    bodies = {name: form(kind, pngs[kind.image]) for name, kind in kinds.items()}
     print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         with stack(Path(tmp), args.read_timeout, args.delay) as s:
