@@ -174,7 +174,7 @@ def start_redis_and_upstream(logdir: Path, started: list[Server],
     started.append(upstream)
     redis_server.wait_ready()
     upstream.wait_ready()
-    # info writes the gateway's access lines (the soak counts them by outcome)
+    # BENCH_GATEWAY_LOG_LEVEL=info writes the access lines (the soak counts them by outcome)
     env = gateway_env(upstream, os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning"))
     return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
 

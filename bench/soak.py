@@ -151,7 +151,8 @@ def stack(logdir: Path, read_timeout: float, delay: float = 0.0) -> Iterator[Sta
 
 
 def soak_client(base: type[RawClient]) -> type[RawClient]:
-    """bench_edits' raw client, answering whatever came back, and telling a broken answer apart."""
+    """The raw client (common.RawClient), answering whatever came back, and telling a broken
+    answer apart."""
 
     class SoakClient(base):  # type: ignore[misc, valid-type]
         async def exchange(self, body: bytes, chunked: bool) -> tuple[int, bytes, bool]:
