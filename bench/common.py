@@ -44,7 +44,7 @@ T = TypeVar("T")
 
 
 def _root_on_path() -> None:
-    """The repository's root on sys.path, for `gateway` and `tests` (a script runs from bench/)."""
+    """The repository's root on sys.path, for `gateway` and `tests` (the scripts run in bench/)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
 
