@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import platform
 import re
-import shlex
 import shutil
 import signal
 import statistics
@@ -34,13 +31,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import httpx
 import redis
 import redis.asyncio as aioredis
-import uvloop
-from bench_edits import (
+from common import (
     HEADERS,
     PATH,
     ROOT,
@@ -48,20 +43,24 @@ from bench_edits import (
     RawClient,
     Server,
     Throughput,
-    _base_env,
-    _free_port,
+    build_bodies,
+    command_line,
     cpu_seconds,
+    create_key,
+    gateway_server,
+    keyed_client,
     latency,
-    multipart,
+    machine,
+    make_store,
     pct,
+    run_logged,
+    start_redis_and_upstream,
+    stopping,
     table,
     throughput,
     upstream_stats,
     verdict,
 )
-
-if TYPE_CHECKING:
-    from gateway.quota.redis_store import RedisStore
 
 TARGET_ADDED_P50_MS = 1.0  # one Redis round trip on loopback
 ON, OFF = "quotas on", "quotas off"
@@ -82,106 +81,21 @@ class Stack:
     url: str  # redis://... of our own redis-server
 
 
-def _redis_port() -> int:
-    """A free loopback port that is not the default Redis port, whatever is on it."""
-    for _ in range(20):
-        port = _free_port()
-        if port != 6379:
-            return port
-    raise RuntimeError("no free port")
-
-
-def start_redis_and_upstream(logdir: Path, started: list[Server],
-                             upstream_args: list[str] | None = None,
-                             ) -> tuple[Server, Server, str, dict[str, str]]:
-    """Our redis-server and the lean upstream, ready (added to `started`, for the caller to
-    stop): them, the Redis URL, and the environment a gateway needs to use the upstream."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not on PATH (apt-get install redis-server)")
-    r_port, up_port = _redis_port(), _free_port()
-    redis_server = Server("redis", [binary, "--port", str(r_port), "--bind", "127.0.0.1",
-                                    "--save", "", "--appendonly", "no", "--dir", str(logdir)],
-                          _base_env(), r_port, logdir)
-    started.append(redis_server)
-    upstream = Server("upstream", [sys.executable, str(ROOT / "bench" / "upstream.py"),
-                                   "--port", str(up_port), *(upstream_args or [])],
-                      _base_env(), up_port, logdir)
-    started.append(upstream)
-    redis_server.wait_ready()
-    upstream.wait_ready()
-    env = _base_env() | {"GATEWAY_UPSTREAM_BASE_URL": f"{upstream.origin}/v1",
-                         "GATEWAY_UPSTREAM_API_KEY": "sk-bench-upstream",
-                         # info writes the gateway's access lines (the soak counts them by outcome)
-                         "GATEWAY_LOG_LEVEL": os.environ.get("BENCH_GATEWAY_LOG_LEVEL", "warning")}
-    return redis_server, upstream, f"redis://127.0.0.1:{r_port}/0", env
-
-
 @contextlib.contextmanager
 def stack(logdir: Path) -> Iterator[Stack]:
     """Our redis-server, the fake upstream and both gateways, stopped whatever happens."""
-    started: list[Server] = []
-    try:
+    with stopping() as started:
         redis_server, upstream, url, env = start_redis_and_upstream(logdir, started)
-        on_port, off_port = _free_port(), _free_port()
         gateways = {}
-        for name, port, extra in ((ON, on_port, {"GATEWAY_REDIS_URL": url}), (OFF, off_port, {})):
-            gateways[name] = Server(name.replace(" ", "-"), [sys.executable, "-m", "gateway.cli",
-                                                             "serve", "--port", str(port)],
-                                    env | extra, port, logdir)
+        for name, extra in ((ON, {"GATEWAY_REDIS_URL": url}), (OFF, {})):
+            gateways[name] = gateway_server(name.replace(" ", "-"), env | extra, logdir)
             started.append(gateways[name])
         for server in gateways.values():
             server.wait_ready()
         yield Stack(redis_server, upstream, gateways[ON], gateways[OFF], url)
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
-# ------------------------------------------------------------------------------ the key
-def make_store(url: str) -> RedisStore:
-    """A RedisStore as the gateway builds it (default timeout and lease ttl)."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from gateway.quota.redis_store import RedisStore
-    from gateway.settings import Settings
-
-    fields = Settings.model_fields  # the defaults, not this shell's GATEWAY_* variables
-    return RedisStore(url, timeout=fields["redis_timeout"].default,
-                      lease_ttl_ms=int(fields["lease_ttl_seconds"].default * 1000))
-
-
-async def create_key(url: str, name: str = "bench", limits: dict[str, int] | None = None
-                     ) -> tuple[str, str, str]:
-    """(secret, key id, key hash) of a new key; by default with limits no run of this benchmark
-    reaches."""
-    from gateway.keys import KeyRecord, Limits
-
-    record, secret = KeyRecord.new(name, Limits(**(LIMITS if limits is None else limits)))
-    store = make_store(url)
-    try:
-        await store.put_key(record)
-    finally:
-        await store.aclose()
-    return secret, record.id, record.hash
-
-
-def keyed_client(secret: str) -> type[RawClient]:
-    """bench_edits' raw client, sending `Authorization: Bearer <secret>` (to both gateways)."""
-    headers = HEADERS | {"authorization": f"Bearer {secret}"}
-
-    class KeyedClient(RawClient):
-        def _head(self, length: int) -> bytes:
-            head = self._heads.get(length)
-            if head is None:
-                lines = [f"POST {PATH} HTTP/1.1", f"Host: {self.host}:{self.port}",
-                         *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {length}"]
-                head = self._heads[length] = ("\r\n".join(lines) + "\r\n\r\n").encode()
-            return head
-
-    return KeyedClient
-
-
+# ------------------------------------------------------------------------------ the check
 async def verify(s: Stack, secret: str, body: bytes) -> None:
     """Quotas really on (401 without the key, rate-limit headers with it), really off on the other."""
     headers = {k: v for k, v in HEADERS.items() if k != "authorization"}
@@ -406,7 +320,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def run(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> Results:
-    secret, key_id, key_hash = await create_key(s.url)
+    secret, key_id, key_hash = await create_key(s.url, "bench", LIMITS)
     make = keyed_client(secret)
     await verify(s, secret, bodies["small"])
     print(f"(b) floor: {args.calls} admit + settle pairs straight to Redis ...", flush=True)
@@ -429,31 +343,17 @@ async def run(s: Stack, bodies: dict[str, bytes], args: argparse.Namespace) -> R
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
-    command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
+    command = command_line(__file__, argv)
     binary = shutil.which("redis-server")
     version = subprocess.run([binary, "--version"], capture_output=True, text=True,
                              check=False).stdout.split() if binary else []
-    facts = (f"machine: nproc={os.cpu_count()}, {platform.python_implementation()} "
-             f"{platform.python_version()}, {platform.system()} {platform.release()}, "
-             f"redis-py {redis.__version__}, {' '.join(version[:3]) if version else 'no redis'}")
+    facts = machine(f"redis-py {redis.__version__}",
+                    " ".join(version[:3]) if version else "no redis")
     print(facts, flush=True)
-    sys.path.insert(0, str(ROOT))
-    from tests.support.images import png
-
-    bodies = {"small": multipart(png(64, 64)), "1mb": multipart(png(1024, 1024, size=1_000_000))}
+    bodies = build_bodies("small", "1mb")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-quota-") as tmp, stack(Path(tmp)) as s:
-        servers = (s.redis, s.upstream, s.on, s.off)
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                results = runner.run(run(s, bodies, args))
-        except Exception:
-            for server in servers:
-                print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-            raise
-        for server in servers:
-            if server.proc.poll() is not None:
-                raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+        results = run_logged((s.redis, s.upstream, s.on, s.off), run(s, bodies, args))
     text, ok = report(results, args)
     print()
     print(f"command: {command}")

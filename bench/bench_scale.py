@@ -29,7 +29,6 @@ import platform
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -37,26 +36,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvloop
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_edits import (
-    BENCH,
+from common import (
     HEADERS,
-    PATH,
-    RssSampler,
     Server,
-    _base_env,
-    _free_port,
-    _status_kb,
+    TreeRss,
     build_bodies,
-    cpu_seconds,
+    create_key,
+    gateway_server,
     pct,
     read_body,
     read_head,
+    request_head,
+    script_server,
+    start_redis_and_upstream,
+    stopping,
     table,
+    tree_cpu,
+    tree_rss_mb,
     verdict,
 )
-from bench_quota import create_key, start_redis_and_upstream
 
 DELAY = 5.0
 TARGET_WALL_RATIO = 1.3  # gateway wall / the bare proxy's on the same client library
@@ -81,92 +79,26 @@ class Burst:
         return self.statuses.get("200", 0)
 
 
-def _tree(pid: int) -> list[int]:
-    """A process and its descendants (a gateway with --workers: its worker processes)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo += [int(c) for c in f.read().split()]
-    return out
-
-
-def tree_rss_mb(pid: int) -> float:
-    total = 0
-    for p in _tree(pid):
-        with contextlib.suppress(OSError, KeyError):
-            total += _status_kb(p, "VmRSS")
-    return total / 1024
-
-
-def tree_cpu(pid: int) -> float:
-    total = 0.0
-    for p in _tree(pid):
-        with contextlib.suppress(OSError, ValueError):
-            total += cpu_seconds(p)
-    return total
-
-
-class TreeRss:
-    """The peak of a process tree's summed VmRSS, sampled every 50 ms in a thread (with one
-    process, VmHWM also catches a peak between samples)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak_mb = 0.0
-        self._single = RssSampler(pid, interval=0.05)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> TreeRss:
-        self._single.__enter__()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(2)
-        self._single.__exit__(*exc)
-        if len(_tree(self.pid)) == 1:
-            self.peak_mb = max(self.peak_mb, self._single.peak_kb / 1024)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, tree_rss_mb(self.pid))
-            self._stop.wait(0.05)
-
-
 @contextlib.contextmanager
 def stack(logdir: Path, delay: float, backlog: int, workers: int, log_level: str
           ) -> Iterator[tuple[dict[str, Server], str]]:
     """Redis, the slow upstream, the bare proxies and the gateway; stopped whatever happens."""
-    started: list[Server] = []
-    try:
+    with stopping() as started:
         _, upstream, url, env = start_redis_and_upstream(
             logdir, started, upstream_args=["--delay", str(delay), "--backlog", str(backlog)])
         targets = {"direct": upstream}
         for kind in PROXIES:
-            port = _free_port()
-            targets[kind] = Server(
-                kind, [sys.executable, str(BENCH / "passthrough.py"), "--port", str(port),
-                       "--upstream", upstream.origin, "--client", kind, "--pool", "0",
-                       "--backlog", str(backlog)], _base_env(), port, logdir)
+            targets[kind] = script_server(kind, "passthrough.py", logdir, "--upstream",
+                                          upstream.origin, "--client", kind, "--pool", "0",
+                                          "--backlog", str(backlog))
             started.append(targets[kind])
-        port = _free_port()
-        targets["gateway"] = Server("gateway", [sys.executable, "-m", "gateway.cli", "serve",
-                                                "--port", str(port), "--workers", str(workers)],
-                                    env | {"GATEWAY_REDIS_URL": url, "GATEWAY_LOG_LEVEL": log_level},
-                                    port, logdir)
+        targets["gateway"] = gateway_server(
+            "gateway", env | {"GATEWAY_REDIS_URL": url, "GATEWAY_LOG_LEVEL": log_level}, logdir,
+            "--workers", str(workers))
         started.append(targets["gateway"])
         for server in targets.values():
             server.wait_ready()
         yield targets, url
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 async def one(host: str, port: int, head: bytes, body: bytes, out: Burst) -> None:
@@ -196,9 +128,7 @@ async def one(host: str, port: int, head: bytes, body: bytes, out: Burst) -> Non
 async def burst(server: Server, secret: str, body: bytes, n: int) -> Burst:
     """N edits at once, one connection each, to one target."""
     headers = HEADERS | {"authorization": f"Bearer {secret}", "connection": "close"}
-    lines = [f"POST {PATH} HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
-             *(f"{k}: {v}" for k, v in headers.items()), f"Content-Length: {len(body)}"]
-    head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    head = request_head("127.0.0.1", server.port, headers, len(body))
     out = Burst(0.0, Counter(), [], tree_rss_mb(server.pid), 0.0, 0.0)
     cpu = tree_cpu(server.pid)
     with TreeRss(server.pid) as rss:
@@ -273,7 +203,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     counts = [int(c) for c in args.counts.split(",")]
-    body = build_bodies()["small"]
+    body = build_bodies("small")["small"]
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp, \
             stack(Path(tmp), args.delay, args.backlog, args.workers, args.log_level) \
             as (targets, url):

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import random
 import re
-import shlex
 import signal
 import statistics
 import sys
@@ -42,27 +41,33 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import uvloop
-from bench_edits import (
-    BOUNDARY,
+from common import (
     MB,
     PROMPT,
-    ROOT,
+    REQUEST_TIMEOUT,
     RawClient,
     Server,
-    _chunks,
-    _free_port,
+    command_line,
+    create_key,
+    gateway_server,
+    images,
+    keyed_client,
+    make_store,
+    multipart,
     pct,
     read_body,
     read_head,
+    rss_mb,
+    run_logged,
+    start_redis_and_upstream,
+    stopping,
     table,
+    upload_chunks,
     upstream_stats,
     verdict,
 )
-from bench_quota import create_key, keyed_client, make_store, start_redis_and_upstream
 
 LIMITS = {"rpm": 0, "images_per_day": 10**9, "tokens_per_month": 0, "max_concurrent": 0}
-REQUEST_TIMEOUT = 60.0
 STREAM = (("stream", "true"), ("n", "2"), ("partial_images", "1"))
 COMPLETED = b"event: image_edit.completed"
 _MASK = re.compile(r"\b(?:req|key)_[0-9a-f]+|\d+")
@@ -122,14 +127,7 @@ def charged(kind: Kind, outcome: str) -> int:
 
 def form(kind: Kind, image: bytes) -> bytes:
     """model, prompt, the kind's fields, then the image: the OpenAI Python SDK's order."""
-    prompt = f"[fault:{kind.fault}] {PROMPT}" if kind.fault else PROMPT
-    out = b""
-    for name, value in (("model", "gpt-image-1"), ("prompt", prompt), *kind.fields):
-        out += (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                f"{value}\r\n").encode()
-    return (out + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; '
-            'filename="image.png"\r\nContent-Type: image/png\r\n\r\n'.encode()
-            + image + f"\r\n--{BOUNDARY}--\r\n".encode())
+    return multipart(image, f"[fault:{kind.fault}] {PROMPT}" if kind.fault else PROMPT, kind.fields)
 
 
 @dataclasses.dataclass
@@ -143,23 +141,18 @@ class Stack:
 @contextlib.contextmanager
 def stack(logdir: Path, read_timeout: float, delay: float = 0.0) -> Iterator[Stack]:
     """Our redis-server, the lean upstream and one quota gateway, stopped whatever happens."""
-    started: list[Server] = []
-    try:
+    with stopping() as started:
         _, _, url, env = start_redis_and_upstream(
             logdir, started, upstream_args=["--delay", str(delay), "--backlog", "4096"])
-        gw_port = _free_port()
         env |= {"GATEWAY_REDIS_URL": url, "GATEWAY_UPSTREAM_READ_TIMEOUT": str(read_timeout)}
-        started.append(Server("gateway", [sys.executable, "-m", "gateway.cli", "serve", "--port",
-                                          str(gw_port)], env, gw_port, logdir))
+        started.append(gateway_server("gateway", env, logdir))
         started[2].wait_ready()
         yield Stack(*started, url)
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 def soak_client(base: type[RawClient]) -> type[RawClient]:
-    """bench_edits' raw client, answering whatever came back, and telling a broken answer apart."""
+    """The raw client (common.RawClient), answering whatever came back, and telling a broken
+    answer apart."""
 
     class SoakClient(base):  # type: ignore[misc, valid-type]
         async def exchange(self, body: bytes, chunked: bool) -> tuple[int, bytes, bool]:
@@ -167,7 +160,7 @@ def soak_client(base: type[RawClient]) -> type[RawClient]:
             for attempt in range(2):
                 (reader, writer), reused = await self._connection()
                 status = 0
-                parts: Iterable[bytes] = _chunks(body) if chunked else (body,)
+                parts: Iterable[bytes] = upload_chunks(body) if chunked else (body,)
                 try:
                     async with asyncio.timeout(REQUEST_TIMEOUT):
                         writer.write(self._head(len(body)))
@@ -193,10 +186,6 @@ def soak_client(base: type[RawClient]) -> type[RawClient]:
                 return status, answer, False
             raise AssertionError("unreachable")
 
-        def _forget(self, writer: asyncio.StreamWriter) -> None:
-            self._open.discard(writer)
-            writer.close()
-
     return SoakClient
 
 
@@ -210,14 +199,6 @@ def classify(status: int, answer: bytes, cut: bool) -> tuple[str, int]:
         images = answer.count(COMPLETED)
         return ("cut-stream" if b"\nevent: error\n" in b"\n" + answer else "ok"), images
     return "ok", answer.count(b'"b64_json"')
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 async def settled_usage(url: str, key_id: str) -> tuple[int, int, int]:
@@ -393,29 +374,16 @@ def main(argv: list[str] | None = None) -> int:
                              + ", ".join(KINDS))
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds, so servers stop
-    command = shlex.join(["python", *(sys.argv if argv is None else [__file__, *argv])])
-    sys.path.insert(0, str(ROOT))
-    from tests.support.images import png
-
+    command = command_line(__file__, argv)
     kinds = dict(KINDS)
     for name, w in args.weight:
         kinds[name] = dataclasses.replace(kinds[name], weight=w)
-    images = {"small": png(64, 64), "1mb": png(1024, 1024, size=1_000_000),
-              "25mb": png(2048, 2048, size=25 * MB)}
-    bodies = {name: form(kind, images[kind.image]) for name, kind in kinds.items()}
+    pngs = images("small", "1mb", "25mb")
+    bodies = {name: form(kind, pngs[kind.image]) for name, kind in kinds.items()}
     print(f"soak: {args.minutes:g} min at concurrency {args.concurrency} ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
         with stack(Path(tmp), args.read_timeout, args.delay) as s:
-            try:
-                with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                    text, ok = runner.run(soak(s, kinds, bodies, args))
-            except Exception:
-                for server in (s.redis, s.upstream, s.gateway):
-                    print(f"--- {server.name} log ---\n{server.log_tail()}", file=sys.stderr)
-                raise
-            for server in (s.redis, s.upstream, s.gateway):
-                if server.proc.poll() is not None:
-                    raise RuntimeError(f"{server.name} died:\n{server.log_tail()}")
+            text, ok = run_logged((s.redis, s.upstream, s.gateway), soak(s, kinds, bodies, args))
         logs = {name: log_summary(Path(tmp) / f"{name}.log") for name in ("upstream", "gateway")}
     print(f"\ncommand: {command}")
     print(f"key limits: {LIMITS}; gateway upstream read timeout {args.read_timeout:g} s; upstream "
