@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"command: {command}")
     print(facts)
-    print("client: bench_edits' raw HTTP/1.1 client on uvloop, the same bytes (Authorization "
+    print("client: bench/common.py's raw HTTP/1.1 client on uvloop, the same bytes (Authorization "
           "included) to both gateways; servers: one process each on 127.0.0.1; redis-server "
           "started here (no persistence)")
     print(f"key limits: {LIMITS} (nothing is refused); bodies: "

@@ -74,7 +74,7 @@ class Passthrough:
         transport = None
         limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
         if self.kind == "httpx-aiohttp":
-            from gateway.transport import AiohttpTransport
+            from gateway.upstream.transport import AiohttpTransport
 
             transport = AiohttpTransport(limits)
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(60.0), limits=limits,

@@ -12,8 +12,8 @@ from gateway.errors import SettingsError
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["keys"]:
-        # `keys` parses its own arguments, so its errors are one line too (see keycli).
-        from gateway.keycli import main as keys_main
+        # `keys` parses its own arguments, so its errors are one line too (see gateway.keyadmin.cli).
+        from gateway.keyadmin.cli import main as keys_main
 
         return keys_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible image gateway")

@@ -22,6 +22,8 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    # How the upstream failed, for gateway_upstream_errors_total ("" for the gateway's own).
+    kind = ""
 
     def __init__(
         self,
@@ -80,10 +82,23 @@ class MethodNotAllowed(GatewayError):
 
 
 class UpstreamUnavailable(GatewayError):
-    """The upstream could not be reached or broke the connection (502, retryable)."""
+    """The upstream broke the connection (502, retryable)."""
 
     status = 502
     code = "upstream_unavailable"
+    kind = "reset"
+
+
+class UpstreamUnreachable(UpstreamUnavailable):
+    """The upstream could not be connected to (502, retryable)."""
+
+    kind = "connect"
+
+
+class UpstreamRejectedKey(UpstreamUnavailable):
+    """The upstream refused the gateway's own key: the operator's problem, never the client's."""
+
+    kind = "status"
 
 
 class UpstreamResponseTooLarge(UpstreamUnavailable):
@@ -91,6 +106,7 @@ class UpstreamResponseTooLarge(UpstreamUnavailable):
     runaway upstream must not stream forever or fill the gateway's memory (502)."""
 
     code = "upstream_response_too_large"
+    kind = "too_large"
 
 
 class UpstreamTimeout(GatewayError):
@@ -98,6 +114,7 @@ class UpstreamTimeout(GatewayError):
 
     status = 504
     code = "upstream_timeout"
+    kind = "timeout"
 
 
 class ServiceUnavailable(GatewayError):

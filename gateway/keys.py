@@ -10,12 +10,11 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 SECRET_PREFIX = "sk-gw-"
 UNLIMITED = 0  # a limit of 0 means "no limit of this kind"
-LIMIT_NAMES = ("rpm", "images_per_day", "tokens_per_month", "max_concurrent")
 
 
 def new_secret() -> str:
@@ -43,17 +42,28 @@ def bearer_secret(authorization: str | None) -> str | None:
     return token
 
 
+def _limit(unit: str, meaning: str) -> Any:
+    return field(default=UNLIMITED, metadata={"unit": unit, "meaning": meaning})
+
+
 @dataclass
 class Limits:
-    """Per-key limits; 0 is unlimited."""
+    """Per-key limits; 0 is unlimited. The one place limit names are written: the CLI's options,
+    the admin API's body, the config's [keys.ID] tables and the stores' records are made from
+    these fields (`LIMIT_NAMES`, `LIMIT_UNITS`)."""
 
-    rpm: int = UNLIMITED
-    images_per_day: int = UNLIMITED
-    tokens_per_month: int = UNLIMITED
-    max_concurrent: int = UNLIMITED
+    rpm: int = _limit("requests/min", "requests per minute")
+    images_per_day: int = _limit("images/day", "images per UTC day")
+    tokens_per_month: int = _limit("tokens/month", "tokens per UTC month")
+    max_concurrent: int = _limit("concurrent", "requests at once")
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in LIMIT_NAMES}
+
+
+LIMIT_NAMES = tuple(f.name for f in fields(Limits))
+LIMIT_UNITS = {f.name: f.metadata["unit"] for f in fields(Limits)}
+LIMIT_MEANINGS = {f.name: f.metadata["meaning"] for f in fields(Limits)}
 
 
 @dataclass

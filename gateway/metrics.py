@@ -73,7 +73,8 @@ class RequestRecord:
 
     endpoint: str
     start: float
-    model: str = ""
+    request_id: str = ""
+    model: str = ""  # the metrics label (pass-through models share one)
     key_id: str = ""
     n: int = 0
     status: int = 0
@@ -87,6 +88,8 @@ class RequestRecord:
     upstream_request_id: str = ""
     images: int = 0
     usage: dict[str, int] = field(default_factory=dict)
+    trace_id: str = ""
+    client: str = ""  # host:port
 
 
 def rejection_reason(status: int, code: str | None) -> str:

@@ -3,11 +3,12 @@
 POST /v1/images/edits is raw ASGI, dispatched before FastAPI, so FastAPI does not know it exists.
 The other routes return plain dicts and raise OpenAI-shaped errors, so FastAPI does not know
 their answers either. This module holds both as data and merges them into the generated
-document once. The suite checks the result with schemathesis (tests/test_openapi.py).
+document once. The suite checks the result with schemathesis (tests/e2e/test_openapi.py).
 
 Field values that depend on the model (sizes, qualities, formats) are described, not enumerated:
 the catalog is config, and the gateway also accepts what it normalizes ("PNG", " auto"), so an
-enum would be narrower than what it accepts. Numeric bounds are those of every shipped model.
+enum would be narrower than what it accepts. Bounds (image count, prompt length, integer ranges)
+come from the catalog the gateway runs with.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
+
+from gateway.catalog import Catalog
+from gateway.images import EDITS_PATH
+from gateway.images.rules import Bounds
 
 Doc = dict[str, Any]
 
@@ -41,7 +46,7 @@ _STRING: Doc = {"type": "string"}
 _NULLABLE_STRING: Doc = {"type": ["string", "null"]}
 _INTEGER: Doc = {"type": "integer"}
 _BINARY: Doc = {"type": "string", "format": "binary"}
-_IMAGES: Doc = {"type": "array", "items": _BINARY, "minItems": 1, "maxItems": 16}
+_IMAGES: Doc = {"type": "array", "items": _BINARY, "minItems": 1}  # maxItems: the catalog's
 
 SCHEMAS: Doc = {
     "Error": {
@@ -136,14 +141,13 @@ EDIT_FORM: Doc = {
         # An array in multipart is the part repeated: one `image` part is an array of one.
         "image": {**_IMAGES, "description": "Required, here or as `image[]`: one file, or several "
                   "(before the text fields, as curl sends them). PNG, JPEG or WebP, told from "
-                  "their bytes; up to 16 images in all."},
+                  "their bytes."},
         "image[]": {**_IMAGES, "description": "Several images, as the SDKs send a list."},
         "prompt": {"type": "string", "minLength": 1,
-                   "description": "Not blank; at most 32,000 characters (dall-e-2: 1,000)."},
+                   "description": "Not blank; the most characters is the model's."},
         "mask": {**_BINARY, "description": "PNG with alpha, the size of the first image."},
-        "model": {"type": "string", "description": "A catalog model; default `gpt-image-1`.",
-                  "examples": ["gpt-image-1", "gpt-image-1.5", "gpt-image-2", "dall-e-2"]},
-        "n": {"type": "integer", "minimum": 1, "maximum": 10},
+        "model": {"type": "string", "description": "A catalog model."},
+        "n": {"type": "integer"},
         "size": {"type": "string", "description": "Per model: `auto`, `1024x1024`, ...; "
                  "gpt-image-2 takes any WxH in multiples of 16.",
                  "examples": ["auto", "1024x1024", "1536x1024", "1024x1536", "512x512"]},
@@ -151,15 +155,14 @@ EDIT_FORM: Doc = {
         "background": {"type": "string", "examples": ["auto", "opaque", "transparent"]},
         "moderation": {"type": "string", "examples": ["auto", "low"]},
         "output_format": {"type": "string", "examples": ["png", "jpeg", "webp"]},
-        "output_compression": {"type": "integer", "minimum": 0, "maximum": 100,
+        "output_compression": {"type": "integer",
                                "description": "With output_format jpeg or webp."},
         "input_fidelity": {"type": "string", "examples": ["high", "low"]},
-        "partial_images": {"type": "integer", "minimum": 0, "maximum": 3,
-                           "description": "With stream=true."},
+        "partial_images": {"type": "integer", "description": "With stream=true."},
         "stream": {"type": "boolean", "description": "true: the answer is Server-Sent Events."},
         "response_format": {"type": "string", "examples": ["b64_json", "url"]},
-        "user": {"type": "string", "maxLength": 512},
-        "safety_identifier": {"type": "string", "maxLength": 512},
+        "user": {"type": "string"},
+        "safety_identifier": {"type": "string"},
     },
 }
 
@@ -233,7 +236,33 @@ SECURITY: Doc = {"ApiKeyAuth": {"type": "http", "scheme": "bearer",
                                 "description": "A gateway key, sk-gw-..."}}
 
 
-def document(generated: Doc, *, keys: bool) -> Doc:
+def edit_form(catalog: Catalog) -> Doc:
+    """The edit form's schema with the catalog's bounds: the most images, the longest prompt,
+    and each integer's and text's range over the models that take the field."""
+    form = copy.deepcopy(EDIT_FORM)
+    props = form["properties"]
+    specs = [*catalog.models.values(), *filter(None, [catalog.passthrough])]
+    images = Bounds.of(catalog).max_images
+    props["image"]["maxItems"] = props["image[]"]["maxItems"] = images
+    props["image"]["description"] += f" Up to {images} images in all (the model's own count)."
+    props["prompt"]["maxLength"] = max(s.prompt_max_chars for s in specs)
+    models = list(catalog.models)
+    props["model"] |= {"description": f"A catalog model; default `{catalog.default_model}`.",
+                       "examples": models[:4]}
+    for name, prop in props.items():
+        found = [s.fields[name] for s in specs if name in s.fields]
+        ints = [r for r in found if r.kind == "int"]
+        if ints and all(r.min is not None for r in ints):
+            prop["minimum"] = min(r.min for r in ints if r.min is not None)
+        if ints and all(r.max is not None for r in ints):
+            prop["maximum"] = max(r.max for r in ints if r.max is not None)
+        texts = [r for r in found if r.kind == "text"]
+        if texts and all(r.max_chars is not None for r in texts):
+            prop["maxLength"] = max(r.max_chars for r in texts if r.max_chars is not None)
+    return form
+
+
+def document(generated: Doc, catalog: Catalog, *, keys: bool) -> Doc:
     """FastAPI's generated document with the edit route, the answers and (with keys) the bearer
     scheme merged in. Operations FastAPI did not generate (/metrics on its own port) stay out."""
     doc = copy.deepcopy(generated)
@@ -246,12 +275,12 @@ def document(generated: Doc, *, keys: bool) -> Doc:
         if operation is not None:
             operation["responses"].update(copy.deepcopy(extra["responses"]))
             operation.update({k: copy.deepcopy(v) for k, v in extra.items() if k != "responses"})
-    doc["paths"] = {"/v1/images/edits": copy.deepcopy(EDITS), **paths}
+    doc["paths"] = {EDITS_PATH: copy.deepcopy(EDITS), **paths}
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    schemas.update(copy.deepcopy({**SCHEMAS, "ImageEditRequest": EDIT_FORM}))
+    schemas.update(copy.deepcopy(SCHEMAS) | {"ImageEditRequest": edit_form(catalog)})
     components["headers"] = copy.deepcopy(HEADERS)
     if keys:
         components["securitySchemes"] = copy.deepcopy(SECURITY)
@@ -259,13 +288,13 @@ def document(generated: Doc, *, keys: bool) -> Doc:
     return doc
 
 
-def install(app: FastAPI, *, keys: bool) -> None:
+def install(app: FastAPI, catalog: Catalog, *, keys: bool) -> None:
     """Serve `document()` at /openapi.json, built on first request and cached like FastAPI's."""
     generate: Callable[[], Doc] = app.openapi
 
     def openapi() -> Doc:
         if app.openapi_schema is None:
-            app.openapi_schema = document(generate(), keys=keys)
+            app.openapi_schema = document(generate(), catalog, keys=keys)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

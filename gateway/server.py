@@ -1,44 +1,23 @@
-"""Running the server: uvicorn with a drain before its graceful shutdown, request heads bounded
-in size and time, and the metrics directory and port that several workers share."""
+"""Running the server: uvicorn with the gateway's protocol (gateway.protocol), the collector
+tuned for thousands of requests in flight, and the metrics directory and port that several
+workers share."""
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import gc
 import logging
 import os
 import shutil
-import signal
 import tempfile
 import threading
-from types import FrameType
-from typing import Any
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from gateway import health, metrics
-from gateway.errors import GatewayError, HeadersTooLarge, InvalidRequest, RequestTimeout
 from gateway.metrics import MULTIPROC_ENV
 from gateway.settings import Settings
 
 log = logging.getLogger("gateway.server")
-
-# Seconds a request head may take to arrive; set by configure() in each process that serves.
-_head_timeout: float = Settings.model_fields["header_read_timeout"].default
-
-
-def configure(settings: Settings) -> None:
-    """Hand the protocol the settings it reads per connection.
-
-    Called from create_app, which uvicorn runs in every process that serves (each worker, with
-    --workers N: spawned interpreters that never see a value set in the parent's serve()),
-    before that process accepts a connection.
-    """
-    global _head_timeout
-    _head_timeout = settings.header_read_timeout
-
 
 # Young collections every 50,000 allocations instead of 700: see tune_gc.
 GC_THRESHOLDS = (50_000, 20, 10)
@@ -60,44 +39,6 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def install_drain(drain_seconds: float) -> None:
-    """Make SIGTERM drain first: readiness turns 503 at once, requests are still served for
-    `drain_seconds` (the load balancer notices meanwhile), then uvicorn's graceful shutdown lets
-    in-flight requests finish, and the process exits 0.
-
-    Called at lifespan startup, when uvicorn (in this process, or in this worker) has installed
-    its own handler: that handler is a bound method of the running Server, which is how the
-    drain reaches the server without patching uvicorn.
-    """
-    current = signal.getsignal(signal.SIGTERM)
-    running = getattr(current, "__self__", None)
-    if threading.current_thread() is not threading.main_thread() or \
-            not isinstance(running, uvicorn.Server):
-        log.warning("SIGTERM drain not installed: the server is not uvicorn's, or its signal "
-                    "handling changed; SIGTERM stops the gateway without a drain")
-        return
-    server = running
-
-    def on_sigterm(sig: int, frame: FrameType | None) -> None:
-        if drain_seconds <= 0:
-            _stop(server)
-        elif not health.draining:
-            health.draining = True
-            timer = threading.Timer(drain_seconds, _stop, (server,))
-            timer.daemon = True
-            timer.start()
-        # A repeated SIGTERM (a whole process group signalled, then the supervisor forwarding
-        # it) changes nothing; Ctrl-C still stops at once through uvicorn's own handler.
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-
-
-def _stop(server: uvicorn.Server) -> None:
-    health.draining = True
-    # Not uvicorn's handle_exit: that would re-raise SIGTERM after the shutdown (exit 143).
-    server.should_exit = True
-
-
 def serve(settings: Settings) -> None:
     """Run `gateway.app:create_app` with the settings' host, port, workers and metrics port."""
     if settings.workers > 1:
@@ -116,7 +57,7 @@ def serve(settings: Settings) -> None:
         workers=settings.workers,
         backlog=settings.backlog,
         loop="uvloop",
-        http="gateway.server:BoundedHttpTools",
+        http="gateway.protocol:BoundedHttpTools",
         h11_max_incomplete_event_size=settings.max_header_bytes,  # read by BoundedHttpTools
         log_level=settings.log_level,
         server_header=False,
@@ -127,109 +68,6 @@ def serve(settings: Settings) -> None:
         access_log=False,  # the gateway writes its own line per request
         timeout_graceful_shutdown=settings.shutdown_timeout,
     )
-
-
-class BoundedHttpTools(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the request head bounded in size and in time, and its
-    own 400s in OpenAI's error shape.
-
-    httptools keeps a header line, and any number of header lines, until the head is complete,
-    and uvicorn sets no limit on that: a client could fill memory before any route sees the
-    request. h11 has the bound (h11_max_incomplete_event_size) but parses in Python; this keeps
-    httptools' speed and reads the bound from that same setting. A head still unfinished after
-    that many bytes read is refused before the next read is parsed (so memory stays under the
-    bound plus one read); a finished head is measured exactly.
-
-    Nor does uvicorn time a head: a new connection has no timer at all, and its keep-alive timer
-    stops at the next request's first byte, so a head trickled a line at a time (or never
-    finished, or never begun, or a stream of blank lines between requests) held the connection
-    forever. One timer per head runs from the connection's start (its first request) or from the
-    read that brings the first byte after an answer (the next ones) to the head's end: past
-    header_read_timeout, a 408 and the connection closed, or just the close when nothing at all
-    came (an answer nobody asked for would confuse a client's pool). A keep-alive head that
-    arrives in one read, as clients send them, never arms it; an idle keep-alive connection is
-    left to uvicorn's own keep-alive timeout. A few attribute checks per read and per request,
-    none per header or byte: the hot path stays as it was.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._head_limit = self.config.h11_max_incomplete_event_size or 65536
-        self._head_timeout = _head_timeout
-        self._read: int | None = 0  # bytes read since the head began; None while in a body
-        self._refusal: GatewayError | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
-
-    def data_received(self, data: bytes) -> None:
-        if self._read is not None:
-            if self._read > self._head_limit:
-                self._refusal = self._too_large()
-                self.send_400_response("")
-                return
-            self._read += len(data)
-        super().data_received(data)
-        # Still outside a body after this read, and no request in progress (a pipelined head's
-        # time starts with the first byte read after its predecessor's answer): a head has begun.
-        if self._head_timer is None and self._read is not None and \
-                (self.cycle is None or self.cycle.response_complete) and \
-                not self.transport.is_closing():
-            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
-
-    def on_headers_complete(self) -> None:
-        self._read = None
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self._head_limit:
-            # Raised inside a parser callback: the parser stops, and uvicorn answers through
-            # send_400_response, which sends this refusal instead.
-            self._refusal = self._too_large()
-            raise self._refusal
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._read = 0  # the next request's head starts here
-        super().on_message_complete()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().connection_lost(exc)
-
-    def _head_timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self.cycle is None and not self._read:  # not one byte since the connection opened
-            self.transport.close()
-            return
-        error = RequestTimeout(f"The request's headers did not arrive within "
-                               f"{self._head_timeout:g} seconds.")
-        metrics.REJECTIONS.labels(metrics.rejection_reason(error.status, error.code)).inc()
-        self._refuse(error)
-
-    def _too_large(self) -> GatewayError:
-        metrics.REJECTIONS.labels("too_large").inc()
-        return HeadersTooLarge(f"The request's headers are longer than {self._head_limit} bytes.")
-
-    def send_400_response(self, msg: str) -> None:
-        self._refuse(self._refusal or InvalidRequest(msg, code="invalid_http_request"))
-
-    def _refuse(self, error: GatewayError) -> None:
-        """Answer before any ASGI cycle exists, and close the connection."""
-        body = error.body()
-        head = [STATUS_LINE[error.status]]
-        head += [b"%s: %s\r\n" % header for header in self.server_state.default_headers]
-        head.append(b"content-type: application/json\r\ncontent-length: %d\r\n"
-                    b"connection: close\r\n\r\n" % len(body))
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
 
 
 def _serve_metrics(host: str, port: int) -> None:

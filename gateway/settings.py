@@ -17,6 +17,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
@@ -28,6 +29,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import SettingsError
+from gateway.keys import LIMIT_NAMES
 
 ENV_PREFIX = "GATEWAY_"
 
@@ -51,20 +53,20 @@ class UpstreamSettings(BaseModel):
         return _check_base_url(v)
 
 
-class KeyEntry(BaseModel):
-    """A key of the in-process store, as `gateway keys create` prints it for the config file."""
-
+class _KeyEntryFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
     name: str = ""
     created: int = 0
-    rpm: int = Field(0, ge=0)
-    images_per_day: int = Field(0, ge=0)
-    tokens_per_month: int = Field(0, ge=0)
-    max_concurrent: int = Field(0, ge=0)
     models: list[str] = []
     metadata: dict[str, Any] = {}
+
+
+# A key of the in-process store, as `gateway keys create` prints it for the config file: the
+# fields above and one per limit of `Limits`.
+KeyEntry = create_model("KeyEntry", __base__=_KeyEntryFields, __module__=__name__,
+                        **{name: (int, Field(0, ge=0)) for name in LIMIT_NAMES})
 
 
 def _check_base_url(v: str) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.keys import KeyRecord, Limits
+from gateway.keys import LIMIT_NAMES, KeyRecord, Limits
 from gateway.quota.base import QuotaStore
 from gateway.settings import Settings
 
@@ -24,7 +24,6 @@ def build_store(settings: Settings) -> QuotaStore | None:
     for key_id, entry in settings.keys.items():
         store.seed(KeyRecord(
             id=key_id, hash=entry.hash, name=entry.name, created=entry.created,
-            limits=Limits(entry.rpm, entry.images_per_day, entry.tokens_per_month,
-                          entry.max_concurrent),
+            limits=Limits(**{name: getattr(entry, name) for name in LIMIT_NAMES}),
             models=tuple(entry.models), metadata=entry.metadata))
     return store

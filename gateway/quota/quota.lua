@@ -1,6 +1,6 @@
 -- The quota script: admission, settlement, renewal and usage for one API key, atomic, on
 -- Redis's own clock. gateway/quota/memory.py is its in-process twin; the contract tests in
--- tests/test_quota_store.py hold the two to the same behaviour.
+-- tests/contract/test_quota_store.py hold the two to the same behaviour.
 -- KEYS (all share the key's hash tag, so one cluster slot):
 --   1 record (hash), 2 usage (hash: day img month tok), 3 leases (zset lease -> expiry ms),
 --   4 reservations (hash lease -> "day:n"), 5 expired leases (zset lease -> when it expired),

@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from gateway.quota.base import (
     StoreUnavailable,
     Usage,
 )
+from gateway.tasks import background
 
 T = TypeVar("T")
 _SCRIPT = resources.files("gateway.quota").joinpath("quota.lua").read_text()
@@ -235,7 +236,7 @@ class RedisStore(QuotaStore):
     def _flush(self) -> None:
         queue, self._queue = self._queue, []
         for i in range(0, len(queue), self.batch):
-            _spawn(self._pipeline(queue[i:i + self.batch]))
+            background(self._pipeline(queue[i:i + self.batch]))
 
     async def _pipeline(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         try:
@@ -340,12 +341,3 @@ class RedisStore(QuotaStore):
     async def aclose(self) -> None:
         await self.redis.aclose()
 
-
-_TASKS: set[asyncio.Task[None]] = set()
-
-
-def _spawn(coro: Coroutine[Any, Any, None]) -> None:
-    """Run a pipeline on its own task (kept referenced until it ends)."""
-    task = asyncio.ensure_future(coro)
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)

@@ -25,7 +25,7 @@ import uvloop
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway.app import Gateway, create_app
-from gateway.edits import _Edit
+from gateway.images.flow import Edit
 from gateway.keys import KeyRecord, Limits
 from gateway.settings import KeyEntry, Settings
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
@@ -296,13 +296,13 @@ class State:
     fds: int  # this process's fds, minus the sockets between the gateway's pool and the upstream
     busy_upstream_connections: int  # pool connections not idle (a response never closed)
     spool_files: int
-    edits: int = 0  # live gateway.edits._Edit objects after gc.collect() (read last: slow)
+    edits: int = 0  # live gateway.images.flow.Edit objects after gc.collect() (read last: slow)
 
 
 def _live_edits(*, collect: bool = True) -> int:
     if collect:
         gc.collect()
-    return sum(type(o) is _Edit for o in gc.get_objects())  # isinstance() would wake lazy proxies
+    return sum(type(o) is Edit for o in gc.get_objects())  # isinstance() would wake lazy proxies
 
 
 class InProcessGateway:
@@ -319,7 +319,7 @@ class InProcessGateway:
         assert settings.spool_dir is not None
         self.spool_dir: Path = settings.spool_dir
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, loop="none",
-                                http="gateway.server:BoundedHttpTools", interface="asgi3",
+                                http="gateway.protocol:BoundedHttpTools", interface="asgi3",
                                 lifespan="on", h11_max_incomplete_event_size=settings.max_header_bytes,
                                 log_level="warning", access_log=False, server_header=False,
                                 proxy_headers=False)
@@ -346,7 +346,7 @@ class InProcessGateway:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(5)
 
     def state(self) -> State:
-        """Everything but the _Edit count, which costs a full garbage collection."""
+        """Everything but the Edit count, which costs a full garbage collection."""
         async def tasks() -> int:
             return len(asyncio.all_tasks()) - 1  # not this one
 
@@ -361,7 +361,7 @@ class InProcessGateway:
         fds = os.listdir("/proc/self/fd")
         pool_sockets = _tcp_inodes(either_port=self.upstream_port) & set(_socket_inodes("self"))
         return State(
-            tasks=self.on_loop(tasks()), in_flight=self.app.edits.in_flight,
+            tasks=self.on_loop(tasks()), in_flight=self.app.edits.capacity.in_flight,
             leases=self.on_loop(leases()), fds=len(fds) - len(pool_sockets),
             busy_upstream_connections=transport.in_use,
             spool_files=len(open_files_in(os.getpid(), self.spool_dir)))
@@ -443,7 +443,7 @@ def _leave_before_body(gw: InProcessGateway, up: FakeUpstream, secret: str) -> N
     body, ctype = _edit_body()
     with socket.create_connection(("127.0.0.1", gw.port), timeout=5) as s:
         s.sendall(edit_head(body, ctype, secret))
-        _wait(lambda: gw.app.edits.in_flight == 1, "the request reached the endpoint")
+        _wait(lambda: gw.app.edits.capacity.in_flight == 1, "the request reached the endpoint")
     assert up.records == []
 
 
@@ -527,7 +527,7 @@ FAULTS: dict[str, Callable[[InProcessGateway, FakeUpstream, str], None]] = {
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_a_fault_leaves_nothing_behind(inproc: tuple[InProcessGateway, str, State],
                                        upstream: FakeUpstream, fault: str) -> None:
-    """However a request ends, its task, _Edit, in-flight count, lease, spool file and
+    """However a request ends, its task, Edit, in-flight count, lease, spool file and
     sockets go with it, back to the warm-up baseline; and the gateway still serves."""
     gw, secret, baseline = inproc
     FAULTS[fault](gw, upstream, secret)

@@ -1,4 +1,4 @@
-"""The request head is bounded in time (gateway.server.BoundedHttpTools): a head trickled a line at
+"""The request head is bounded in time (gateway.protocol.BoundedHttpTools): a head trickled a line at
 a time, or never sent, cannot hold a connection past `header_read_timeout`, while keep-alive
 connections, heads that arrive in time and slow bodies are left alone. Real `gateway serve`
 processes, raw sockets as the client (no HTTP client would send a head this slowly)."""

@@ -1,4 +1,4 @@
-"""gateway.transport: httpx's interface on aiohttp's pool, against real loopback servers.
+"""gateway.upstream.transport: httpx's interface on aiohttp's pool, against real loopback servers.
 
 Each server here is a raw asyncio server that misbehaves in one way (refuses, goes silent,
 stops reading, cuts an answer, answers garbage), so every aiohttp failure is seen to come out
@@ -16,8 +16,8 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from gateway.transport import AiohttpTransport
 from gateway.upstream import http_client
+from gateway.upstream.transport import AiohttpTransport
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"

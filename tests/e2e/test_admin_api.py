@@ -11,7 +11,7 @@ import pytest
 from fastapi import FastAPI
 from pytest_redis import factories
 
-from gateway.admin import admin_router
+from gateway.keyadmin.http import admin_router
 from gateway.keys import hash_secret, id_for_hash
 from gateway.quota.base import OK, UNKNOWN_KEY, QuotaStore
 from gateway.quota.memory import MemoryStore

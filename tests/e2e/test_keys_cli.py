@@ -15,7 +15,7 @@ import pytest
 import redis
 from pytest_redis import factories
 
-from gateway.keycli import main as keys_main
+from gateway.keyadmin.cli import main as keys_main
 from gateway.keys import hash_secret, id_for_hash
 from gateway.quota import build_store
 from gateway.quota.base import OK, UNKNOWN_KEY

@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.admission import Admission, EditRequest, Outcome, QuotaAdmission, QuotaTicket, Ticket
+from gateway.admission import Admission, ImageRequest, Outcome, QuotaAdmission, QuotaTicket, Ticket
 from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import QuotaExceeded, ServiceUnavailable
 from gateway.keys import KeyRecord, Limits
@@ -386,7 +386,7 @@ async def test_a_ticket_extends_its_reservation(redis_url: str, keys_redis,
     principal = await closed.authenticate(f"Bearer {secret}")
 
     async def admit(admission: QuotaAdmission, n: int = 1) -> Ticket:
-        return await admission.admit(principal, EditRequest("req", gpt_image, n, False))
+        return await admission.admit(principal, ImageRequest("req", gpt_image, n, False))
 
     async def images_used() -> int:
         usage = await store.usage(record.id)
@@ -424,7 +424,7 @@ async def test_a_ticket_extends_its_reservation(redis_url: str, keys_redis,
         for t in (fail_closed, fail_open):
             await t.finish(Outcome(answered=False))
         await store.aclose()
-    open_ticket = await Admission().admit(principal, EditRequest("req", gpt_image, 1, False))
+    open_ticket = await Admission().admit(principal, ImageRequest("req", gpt_image, 1, False))
     await open_ticket.extend(3)  # the open gateway reserves nothing: nothing to do
 
 
@@ -441,7 +441,7 @@ async def test_failing_open_believes_a_key_for_stale_seconds_only(
     keys_redis.stop()
     try:
         await asyncio.sleep(0.3)  # past cache_seconds: the store is asked, and is away
-        assert (await admission.authenticate(f"Bearer {secret}")).id == record.id
+        assert (await admission.authenticate(f"Bearer {secret}")).key_id == record.id
         await asyncio.sleep(0.8)  # the record was read 1.1 s ago
         with pytest.raises(ServiceUnavailable):
             await admission.authenticate(f"Bearer {secret}")

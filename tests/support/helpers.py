@@ -15,10 +15,22 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.keys import KeyRecord, Limits
 from gateway.quota.redis_store import RedisStore
+from gateway.settings import Settings
 from tests.support.images import png
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text
+
+
+def shipped_settings(**values: Any) -> Settings:
+    """Settings with the shipped defaults and `values`, whatever GATEWAY_* variables this process
+    has (for tests that build parts in memory, without a server)."""
+    import pytest
+
+    with pytest.MonkeyPatch.context() as env:
+        for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
+            env.delenv(name)
+        return Settings(**values)
 
 
 def multipart(parts: list[Part], boundary: str = "XyZ-boundary") -> tuple[bytes, str]:

@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway import usage
-from gateway.edits import EventFramer
 from gateway.errors import UpstreamResponseTooLarge
+from gateway.images.relay import EventFramer
 from gateway.usage import UsageMeter
 
 USAGE = {"input_tokens": 50, "output_tokens": 200, "total_tokens": 250,

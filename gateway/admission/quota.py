@@ -1,9 +1,5 @@
-"""The admission step between reading the fields and opening the upstream request.
-
-The route calls `authenticate` before reading the body (401), `check_model` once the model is
-known (403), validates the fields (400), then `admit` (429), so a bad request never spends
-quota; `Ticket.finish` is called exactly once, however the request ends. `Admission` is the
-open gateway (no keys configured); `QuotaAdmission` enforces per-key limits through a store.
+"""Per-key limits through a QuotaStore: the keyed implementation of the admission interface,
+and its tickets (a lease in the store, renewed while the request runs, settled once).
 """
 
 from __future__ import annotations
@@ -13,12 +9,11 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Coroutine
-from dataclasses import dataclass, field
-from typing import Any
 
 from gateway import logs, metrics
-from gateway.catalog import ModelSpec
+from gateway.admission.base import OPEN_TICKET, Admission, ImageRequest, Outcome, Principal, Ticket
+from gateway.admission.headers import duration, rate_limit_headers
+from gateway.admission.renewer import Renewer
 from gateway.errors import (
     Forbidden,
     QuotaExceeded,
@@ -38,87 +33,10 @@ from gateway.quota.base import (
     QuotaStore,
     StoreUnavailable,
     Usage,
-    Window,
 )
+from gateway.tasks import background
 
 log = logging.getLogger("gateway.admission")
-
-
-@dataclass(slots=True)
-class EditRequest:
-    """What admission needs to know about a validated edit."""
-
-    request_id: str
-    model: ModelSpec
-    n: int
-    stream: bool
-
-
-@dataclass(slots=True)
-class Outcome:
-    """How an admitted request ended: whether the upstream answered, and what it reported."""
-
-    answered: bool
-    status: int | None = None
-    images: int | None = None  # final images the answer carried, when the gateway counted them
-    usage: dict[str, int] = field(default_factory=dict)
-
-
-class Principal:
-    """Who is calling; the open gateway has one anonymous caller."""
-
-    id = "anonymous"
-
-
-class Ticket:
-    """An admitted request's reservation; the open gateway reserves nothing."""
-
-    def __init__(self, headers: dict[str, str] | None = None) -> None:
-        self.headers = headers or {}
-
-    async def finish(self, outcome: Outcome) -> None:
-        return None
-
-    async def extend(self, extra: int) -> None:
-        """Reserve `extra` more images (an `n` that arrived after admission); nothing to do
-        without a reservation."""
-        return None
-
-
-class Admission:
-    """Base admission: anyone, any model, no limits."""
-
-    async def authenticate(self, authorization: str | None) -> Principal:
-        return _ANONYMOUS
-
-    def check_model(self, principal: Principal, model: str) -> None:
-        return None
-
-    async def admit(self, principal: Principal, edit: EditRequest) -> Ticket:
-        return _OPEN_TICKET
-
-    async def headers_for(self, principal: Principal) -> dict[str, str]:
-        """x-ratelimit-* headers for an answer that did not go through `admit`."""
-        return {}
-
-    async def start(self) -> None:
-        """At lifespan startup, before the first request."""
-        return None
-
-    async def aclose(self) -> None:
-        return None
-
-
-_ANONYMOUS = Principal()
-_OPEN_TICKET = Ticket()  # shared: its headers are never changed
-
-
-# ----------------------------------------------------------------------------- keys and quotas
-class KeyPrincipal(Principal):
-    def __init__(self, record: KeyRecord, key_hash: str) -> None:
-        self.record = record
-        self.hash = key_hash
-        self.id = record.id
 
 
 class QuotaTicket(Ticket):
@@ -179,7 +97,7 @@ class QuotaTicket(Ticket):
             # The upstream was paid for this answer: keep trying (settling is idempotent, so
             # a first attempt that did run is never counted twice).
             log.warning("key %s: settling a lease failed (%s); retrying", self.key_id, exc)
-            _background(self._settle_later(images, tokens))
+            background(self._settle_later(images, tokens))
 
     async def _settle_later(self, images: int, tokens: int) -> None:
         deadline = time.monotonic() + self.admission.settle_retry_seconds
@@ -224,7 +142,8 @@ class QuotaAdmission(Admission):
         record = await self._record(id_for_hash(key_hash))
         if record is None or record.hash != key_hash or record.status != "active":
             raise Unauthorized("Incorrect API key provided.")
-        return KeyPrincipal(record, key_hash)
+        return Principal(key_id=record.id, name=record.name, hash=key_hash,
+                         models=record.models, max_concurrent=record.limits.max_concurrent)
 
     async def _record(self, key_id: str) -> KeyRecord | None:
         now = time.monotonic()
@@ -257,44 +176,40 @@ class QuotaAdmission(Admission):
         if not done.cancelled():
             done.exception()  # retrieved, even if every request waiting on it has gone
 
-    def check_model(self, principal: Principal, model: str) -> None:
-        assert isinstance(principal, KeyPrincipal)
-        allowed = principal.record.models
-        if allowed and model not in allowed:
-            raise Forbidden(f"This API key may not use model '{model}'.", param="model",
-                            code="model_not_allowed")
-
-    async def admit(self, principal: Principal, edit: EditRequest) -> Ticket:
-        assert isinstance(principal, KeyPrincipal)
+    async def admit(self, principal: Principal, request: ImageRequest) -> Ticket:
+        assert principal.key_id is not None  # authenticate() gives every caller here a key
         lease = uuid.uuid4().hex
         try:
-            decision = await self.store.admit(principal.hash, edit.model.name, edit.n, lease)
+            decision = await self.store.admit(principal.hash, request.model.name, request.n,
+                                              lease)
         except StoreUnavailable as exc:
             # The script may have run before the reply was lost: give its lease back if so.
-            release = self.store.settle(principal.id, lease, answered=False, images=0, tokens=0)
-            _background(release)
+            release = self.store.settle(principal.key_id, lease, answered=False, images=0, tokens=0)
+            background(release)
             self._unavailable(exc)
-            return _OPEN_TICKET  # fail open: admitted without a reservation
+            return OPEN_TICKET  # fail open: admitted without a reservation
         headers = rate_limit_headers(decision.windows)
         if decision.status == OK:
-            return QuotaTicket(self, principal.id, lease, edit.n, headers)
+            return QuotaTicket(self, principal.key_id, lease, request.n, headers)
         if decision.status == UNKNOWN_KEY:
             raise Unauthorized("Incorrect API key provided.")
         if decision.status == MODEL:
-            raise Forbidden(f"This API key may not use model '{edit.model.name}'.", param="model",
+            raise Forbidden(f"This API key may not use model '{request.model.name}'.", param="model",
                             code="model_not_allowed")
         raise _refusal(decision, headers)
 
     async def headers_for(self, principal: Principal) -> dict[str, str]:
+        assert principal.key_id is not None
         try:
-            found = await self.store.usage(principal.id)
+            found = await self.store.usage(principal.key_id)
         except StoreUnavailable:
             return {}  # best effort: the answer itself matters more
         return rate_limit_headers(found.windows) if found else {}
 
     async def usage(self, principal: Principal) -> Usage | None:
+        assert principal.key_id is not None
         try:
-            return await self.store.usage(principal.id)
+            return await self.store.usage(principal.key_id)
         except StoreUnavailable:
             raise ServiceUnavailable("Usage cannot be read right now; retry shortly.") from None
 
@@ -325,49 +240,6 @@ class QuotaAdmission(Admission):
         await self.store.aclose()
 
 
-class Renewer:
-    """Renews the leases of every request in flight here, every `every` seconds: one store call
-    per key, not a timer and a call per request (3,000 requests in flight for a minute each
-    would otherwise be 150 store calls a second). A lease is renewed at most `every` seconds
-    after it was taken, well inside its TTL (three times `every`)."""
-
-    def __init__(self, store: QuotaStore, every: float) -> None:
-        self.store = store
-        self.every = every
-        self._leases: dict[str, set[str]] = {}  # key id -> leases in flight here
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, key_id: str, lease: str) -> None:
-        self._leases.setdefault(key_id, set()).add(lease)
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.every, self._tick)
-
-    def discard(self, key_id: str, lease: str) -> None:
-        leases = self._leases.get(key_id)
-        if leases is not None:
-            leases.discard(lease)
-            if not leases:
-                del self._leases[key_id]
-
-    def _tick(self) -> None:
-        self._timer = None
-        for key_id, leases in self._leases.items():
-            _background(self._renew(key_id, list(leases)))
-        if self._leases:
-            self._timer = asyncio.get_running_loop().call_later(self.every, self._tick)
-
-    async def _renew(self, key_id: str, leases: list[str]) -> None:
-        try:
-            await self.store.renew(key_id, leases)
-        except Exception as exc:  # the next tick tries again (the TTL is three ticks long)
-            log.warning("key %s: renewing %d leases failed (%s)", key_id, len(leases), exc)
-
-    def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
 def _refusal(decision: Decision, headers: dict[str, str]) -> RateLimited | QuotaExceeded:
     """The 429 for a limit the store refused: rpm and concurrency are worth retrying after the
     time given, spent images and tokens are not (x-should-retry: false)."""
@@ -382,40 +254,3 @@ def _refusal(decision: Decision, headers: dict[str, str]) -> RateLimited | Quota
     return QuotaExceeded(
         f"You exceeded this API key's quota of {what}; it resets in {duration(retry_ms)}.",
         headers=headers | {"x-should-retry": "false"})
-
-
-def _background(coro: Coroutine[Any, Any, None]) -> None:
-    """Run best-effort bookkeeping without holding the request (errors are logged)."""
-    task = asyncio.ensure_future(coro)
-    _PENDING.add(task)
-    task.add_done_callback(_PENDING.discard)
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieve, never raise
-
-
-_PENDING: set[asyncio.Task[None]] = set()
-
-
-def rate_limit_headers(windows: dict[str, Window]) -> dict[str, str]:
-    """x-ratelimit-{limit,remaining,reset}-{requests,images,tokens} for the limits the key has."""
-    headers = {}
-    for name, w in windows.items():
-        if not w.limit:
-            continue
-        headers[f"x-ratelimit-limit-{name}"] = str(w.limit)
-        headers[f"x-ratelimit-remaining-{name}"] = str(w.remaining)
-        headers[f"x-ratelimit-reset-{name}"] = duration(w.reset_ms)
-    return headers
-
-
-def duration(ms: int) -> str:
-    """OpenAI's duration format: 20ms, 1s, 6m0s, 1h2m3s."""
-    if ms < 1000:
-        return f"{ms}ms"
-    seconds = ms / 1000
-    hours, rest = divmod(int(seconds), 3600)
-    minutes = rest // 60
-    secs = seconds - hours * 3600 - minutes * 60
-    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    return f"{minutes}m{text}" if minutes else text

@@ -1,21 +1,60 @@
-"""Upstream providers: one pooled httpx client per named upstream (on the aiohttp transport, see
-gateway.transport), and transport errors as GatewayErrors."""
+"""Upstream providers: one pooled httpx client per named upstream (on the aiohttp transport,
+gateway.upstream.transport), and the one boundary where their failures become GatewayErrors.
+
+Like httpx's transports, this package is the only place that imports httpx: a transport error
+while sending or while the answer streams comes out as UpstreamTimeout (504) or
+UpstreamUnavailable (502) naming the upstream, with its `kind` for the metrics. An exception the
+request body raised itself (the gateway's own 400, 408 or 413 found mid-upload, the client gone)
+comes out of `send` as itself.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 
 from gateway import __version__
-from gateway.errors import GatewayError, SettingsError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import (
+    GatewayError,
+    SettingsError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    UpstreamUnreachable,
+)
 from gateway.settings import Settings, UpstreamSettings
-from gateway.transport import AiohttpTransport
+from gateway.upstream.transport import AiohttpTransport
 
 USER_AGENT = f"image-gateway/{__version__}"
+
+
+class Answer:
+    """An upstream's answer: status, headers, and the body as it streams."""
+
+    __slots__ = ("_response", "headers", "status", "upstream")
+
+    def __init__(self, response: httpx.Response, upstream: str) -> None:
+        self._response = response
+        self.upstream = upstream
+        self.status = response.status_code
+        self.headers = response.headers
+
+    @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        return self._response.headers.raw
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise _mapped(exc, self.upstream) from None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 @dataclass(slots=True)
@@ -25,17 +64,19 @@ class Upstream:
     api_key: str | None = field(repr=False)
     client: httpx.AsyncClient
     transport: AiohttpTransport
-    edits_url: str = field(init=False)
 
-    def edit_request(self, body: AsyncIterable[bytes], content_type: str, request_id: str,
-                     traceparent: str) -> httpx.Request:
-        """The edit request; the headers every request shares live on the client."""
+    async def send(self, path: str, body: AsyncIterable[bytes], content_type: str,
+                   request_id: str, traceparent: str) -> Answer:
+        """Send a request whose body streams from `body`; the headers every request shares
+        live on the client."""
         headers = {"content-type": content_type, "x-request-id": request_id,
                    "traceparent": traceparent}
-        return self.client.build_request("POST", self.edits_url, headers=headers, content=body)
-
-    def __post_init__(self) -> None:
-        self.edits_url = f"{self.base_url}/images/edits"
+        request = self.client.build_request("POST", f"{self.base_url}{path}", headers=headers,
+                                            content=body)
+        try:
+            return Answer(await self.client.send(request, stream=True), self.name)
+        except httpx.TransportError as exc:
+            raise _mapped(exc, self.name) from None
 
 
 class Upstreams:
@@ -107,17 +148,11 @@ def _api_key(name: str, cfg: UpstreamSettings) -> str | None:
     return key
 
 
-def transport_kind(exc: httpx.TransportError) -> str:
-    """How the upstream failed, for gateway_upstream_errors_total: timeout, connect or reset."""
-    if isinstance(exc, httpx.TimeoutException):
-        return "timeout"
-    return "connect" if isinstance(exc, httpx.ConnectError) else "reset"
-
-
-def transport_error(exc: httpx.TransportError, upstream: str) -> GatewayError:
+def _mapped(exc: httpx.TransportError, upstream: str) -> GatewayError:
     """A 504 for silence, a 502 for everything else that kept the upstream from answering."""
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"The upstream '{upstream}' did not answer in time.")
-    kind = "connect" if isinstance(exc, httpx.ConnectError) else "transport"
-    return UpstreamUnavailable(
-        f"The upstream '{upstream}' could not be reached ({kind} error).")
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamUnreachable(
+            f"The upstream '{upstream}' could not be reached (connect error).")
+    return UpstreamUnavailable(f"The upstream '{upstream}' could not be reached (transport error).")

@@ -27,7 +27,7 @@ from gateway.errors import (
     ServiceUnavailable,
     Unauthorized,
 )
-from gateway.keyops import (
+from gateway.keyadmin.ops import (
     KeyChanges,
     KeyCreate,
     describe_error,

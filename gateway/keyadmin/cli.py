@@ -5,7 +5,7 @@ once (within `key_cache_seconds`). Without it keys live in the config file's `[k
 `create` prints the lines to paste there, `list`/`show` read them, and changing or revoking a
 key is an edit of that file.
 
-The body models and key operations are shared with the admin HTTP API (gateway/keyops.py).
+The body models and key operations are shared with the admin HTTP API (gateway/keyadmin/ops.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from gateway.keyops import (
+from gateway.keyadmin.ops import (
     MAX_LIMIT,
     KeyChanges,
     KeyCreate,
@@ -33,7 +33,7 @@ from gateway.keyops import (
     update_key,
     usage_view,
 )
-from gateway.keys import LIMIT_NAMES, KeyRecord
+from gateway.keys import LIMIT_MEANINGS, LIMIT_NAMES, LIMIT_UNITS, KeyRecord
 from gateway.quota.base import QuotaStore
 
 _BARE_TOML_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -122,9 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML config file (GATEWAY_CONFIG)")
     common.add_argument("--json", action="store_true", help="print JSON instead of text")
     fields = _Parser(add_help=False)
-    for name, meaning in zip(LIMIT_NAMES, ("requests per minute", "images per UTC day",
-                                           "tokens per UTC month", "requests at once"),
-                             strict=True):
+    for name, meaning in LIMIT_MEANINGS.items():
         fields.add_argument(f"--{name.replace('_', '-')}", type=_limit, metavar="N",
                             help=f"{meaning} (0 or left out: no limit)")
     fields.add_argument("--models", type=_models, metavar="M1,M2",
@@ -208,8 +206,8 @@ def _changes(args: argparse.Namespace) -> KeyChanges | None:
     given = {name: value for name in ("name", *LIMIT_NAMES, "models", "metadata")
              if (value := getattr(args, name, None)) is not None}
     if args.action == "update" and not given:
-        raise CliError("nothing to update: give --name, --rpm, --images-per-day, "
-                       "--tokens-per-month, --max-concurrent, --models or --metadata")
+        options = ", ".join(f"--{n.replace('_', '-')}" for n in ("name", *LIMIT_NAMES))
+        raise CliError(f"nothing to update: give {options}, --models or --metadata")
     try:
         return (KeyCreate if args.action == "create" else KeyChanges).model_validate(given)
     except ValidationError as exc:
@@ -275,9 +273,7 @@ def _out(args: argparse.Namespace, data: dict[str, Any], text: list[str]) -> Non
 
 
 def _limits_text(record: KeyRecord) -> str:
-    units = {"rpm": "requests/min", "images_per_day": "images/day",
-             "tokens_per_month": "tokens/month", "max_concurrent": "concurrent"}
-    parts = [f"{v} {units[k]}" for k, v in record.limits.as_dict().items() if v]
+    parts = [f"{v} {LIMIT_UNITS[k]}" for k, v in record.limits.as_dict().items() if v]
     return ", ".join(parts) or "no limits"
 
 

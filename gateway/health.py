@@ -1,3 +1,0 @@
-"""Process health shared by the server and the app: set when SIGTERM starts a graceful drain."""
-
-draining = False
