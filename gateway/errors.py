@@ -82,7 +82,8 @@ class MethodNotAllowed(GatewayError):
 
 
 class UpstreamUnavailable(GatewayError):
-    """The upstream broke the connection (502, retryable)."""
+    """The upstream broke the connection, answered beyond bounds, or refused the gateway's own
+    key: no answer the client can use (502, retryable)."""
 
     status = 502
     code = "upstream_unavailable"

@@ -141,12 +141,13 @@ EDIT_FORM: Doc = {
         # An array in multipart is the part repeated: one `image` part is an array of one.
         "image": {**_IMAGES, "description": "Required, here or as `image[]`: one file, or several "
                   "(before the text fields, as curl sends them). PNG, JPEG or WebP, told from "
-                  "their bytes."},
+                  "their bytes"},  # + the catalog's count
         "image[]": {**_IMAGES, "description": "Several images, as the SDKs send a list."},
         "prompt": {"type": "string", "minLength": 1,
-                   "description": "Not blank; the most characters is the model's."},
+                   "description": "Not blank"},  # + the catalog's lengths
         "mask": {**_BINARY, "description": "PNG with alpha, the size of the first image."},
-        "model": {"type": "string", "description": "A catalog model."},
+        "model": {"type": "string", "description": "A catalog model.",
+                  "examples": ["gpt-image-1", "gpt-image-1.5", "gpt-image-2", "dall-e-2"]},
         "n": {"type": "integer"},
         "size": {"type": "string", "description": "Per model: `auto`, `1024x1024`, ...; "
                  "gpt-image-2 takes any WxH in multiples of 16.",
@@ -244,11 +245,13 @@ def edit_form(catalog: Catalog) -> Doc:
     specs = [*catalog.models.values(), *filter(None, [catalog.passthrough])]
     images = Bounds.of(catalog).max_images
     props["image"]["maxItems"] = props["image[]"]["maxItems"] = images
-    props["image"]["description"] += f" Up to {images} images in all (the model's own count)."
-    props["prompt"]["maxLength"] = max(s.prompt_max_chars for s in specs)
-    models = list(catalog.models)
-    props["model"] |= {"description": f"A catalog model; default `{catalog.default_model}`.",
-                       "examples": models[:4]}
+    props["image"]["description"] += f"; up to {images} images in all."
+    longest = props["prompt"]["maxLength"] = max(s.prompt_max_chars for s in specs)
+    fewer = ", ".join(f"{s.name}: {s.prompt_max_chars:,}" for s in specs
+                      if s.prompt_max_chars < longest)
+    props["prompt"]["description"] += f"; at most {longest:,} characters" + \
+        (f" ({fewer})." if fewer else ".")
+    props["model"]["description"] = f"A catalog model; default `{catalog.default_model}`."
     for name, prop in props.items():
         found = [s.fields[name] for s in specs if name in s.fields]
         ints = [r for r in found if r.kind == "int"]

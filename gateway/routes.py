@@ -54,7 +54,7 @@ def api_router(catalog: Catalog, admission: Admission, *, metrics_route: bool) -
 
     @router.get("/readyz")
     async def readyz() -> Response:
-        """Ready unless draining, or the quota store is away and the gateway fails closed."""
+        """Ready unless the quota store is away and the gateway fails closed."""
         if lifecycle.draining:
             return JSONResponse({"status": "draining", "reason": "shutting down"}, 503)
         ready, status = await admission.ready()

@@ -53,20 +53,24 @@ class UpstreamSettings(BaseModel):
         return _check_base_url(v)
 
 
-class _KeyEntryFields(BaseModel):
+class _KeyEntryHead(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
     name: str = ""
     created: int = 0
+
+
+# One field per limit of `Limits`, in its order.
+_KeyEntryLimits = create_model("_KeyEntryLimits", __base__=_KeyEntryHead, __module__=__name__,
+                               **{name: (int, Field(0, ge=0)) for name in LIMIT_NAMES})
+
+
+class KeyEntry(_KeyEntryLimits):  # type: ignore[misc,valid-type]
+    """A key of the in-process store, as `gateway keys create` prints it for the config file."""
+
     models: list[str] = []
     metadata: dict[str, Any] = {}
-
-
-# A key of the in-process store, as `gateway keys create` prints it for the config file: the
-# fields above and one per limit of `Limits`.
-KeyEntry = create_model("KeyEntry", __base__=_KeyEntryFields, __module__=__name__,
-                        **{name: (int, Field(0, ge=0)) for name in LIMIT_NAMES})
 
 
 def _check_base_url(v: str) -> str:

@@ -37,7 +37,7 @@ class Slot:
     def release(self) -> None:
         if self.held:
             self.held = False
-            self._capacity._give(self.key)
+            self._capacity.give(self.key)
 
 
 class Capacity:
@@ -65,7 +65,7 @@ class Capacity:
         _count(self.by_key, key, 1)
         return Slot(self, key)
 
-    def _give(self, key: str | None) -> None:
+    def give(self, key: str | None) -> None:
         self.in_flight -= 1
         _count(self.by_key, key, -1)
 

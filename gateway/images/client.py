@@ -15,7 +15,7 @@ from gateway.asgi import Message, Receive, Send
 from gateway.errors import RequestTooLarge
 from gateway.settings import Settings
 
-log = logging.getLogger("gateway.images")
+log = logging.getLogger("gateway.edits")  # the name operators filter on
 
 
 class ClientGone(Exception):
@@ -23,6 +23,11 @@ class ClientGone(Exception):
 
 
 class Client:
+    __slots__ = ("_last_body", "_paused", "_paused_since", "_receive", "_send", "_started", "_task",
+                 "_watchdog", "answered_at", "body_done", "bytes_out", "expects_continue", "gone",
+                 "left", "max_body", "received", "receiving", "request_id", "response_started",
+                 "settings", "status", "timed_out", "waited")
+
     def __init__(self, receive: Receive, send: Send, settings: Settings, max_body: int,
                  request_id: str, *, expects_continue: bool) -> None:
         self._receive = receive
@@ -160,8 +165,8 @@ class Client:
         """Send part of the answer, unless the client left; a client that stops reading for
         client_send_timeout counts as gone, and the rest of the answer is read without it (its
         slot and the upstream connection are not held hostage)."""
-        if message["type"] == "http.response.start":
-            self.response_started, self.status = True, message["status"]
+        start = message["type"] == "http.response.start"
+        self.response_started = self.response_started or start
         if not self.left:
             try:
                 async with asyncio.timeout(self.settings.client_send_timeout):
@@ -170,6 +175,8 @@ class Client:
             except TimeoutError:
                 log.info("request %s: the client stopped reading the answer", self.request_id)
                 self.left = True
+        if start:
+            self.status = message["status"]
         if message["type"] == "http.response.body" and not message.get("more_body", False):
             self.answered_at = time.perf_counter()
 

@@ -27,13 +27,13 @@ from gateway.images.capacity import Capacity, Slot
 from gateway.images.client import Client, ClientGone
 from gateway.images.form import EditForm, Events, Spool
 from gateway.images.outgoing import UpstreamForm
-from gateway.images.relay import relay
+from gateway.images.relay import Relayed, relay
 from gateway.images.rules import Bounds, Judged
 from gateway.multipart import boundary_of
 from gateway.settings import Settings
 from gateway.upstream import Upstreams
 
-log = logging.getLogger("gateway.images")
+log = logging.getLogger("gateway.edits")  # the name operators filter on
 
 
 class EditRoute:
@@ -56,6 +56,9 @@ class EditRoute:
 
 class Edit:
     """One edit request, from its head to the access log line."""
+
+    __slots__ = ("client", "form", "headers", "principal", "rec", "route", "slot", "spool", "ticket",
+                 "traceparent", "uploaded")
 
     def __init__(self, route: EditRoute, scope: Scope, receive: Receive, send: Send) -> None:
         self.route = route
@@ -95,11 +98,17 @@ class Edit:
             try:
                 await self._serve()
             except GatewayError as exc:
-                if self.client.response_started:
+                if not self.client.response_started:
+                    error = exc
+                elif exc.kind:
+                    # The upstream broke off a JSON answer already under way: returning without
+                    # completing it makes the server cut the connection, so the client sees a
+                    # broken response rather than a wrong one.
+                    log.warning("request %s: upstream failed mid-answer: %r",
+                                self.rec.request_id, exc.__context__ or exc)
+                else:
                     log.warning("request %s: error after the answer began: %s",
                                 self.rec.request_id, exc)
-                else:
-                    error = exc
             except ClientGone:
                 log.info("request %s: client disconnected", self.rec.request_id)
             except asyncio.CancelledError:
@@ -197,12 +206,14 @@ class Edit:
         client.resume()
         early = ["model", "prompt", *judged.sent]
         out.fields(judged.spec, early, judged.values)
-        for _, chunks in form.spooled():
+        for chunks in form.spooled():
             client.pause()
             yield out.take()
-            for chunk in chunks:
-                yield chunk
             client.resume()
+            for chunk in chunks:
+                client.pause()
+                yield chunk
+                client.resume()
             out.file_end()
         self._release_spool()  # replayed: its bytes no longer count against the spool caps
         out.attach(prepared)
@@ -243,6 +254,7 @@ class Edit:
         assert self.form is not None and self.form.judged is not None
         rec, spec = self.rec, self.form.judged.spec
         upstream = self.route.upstreams[spec.upstream]
+        relayed = Relayed()
         start = time.perf_counter()
         try:
             answer = await upstream.send(UPSTREAM_EDITS_PATH, body, out.content_type, rec.request_id,
@@ -252,10 +264,8 @@ class Edit:
                 rec.upstream_request_id = answer.headers.get("x-request-id", "")
                 if answer.status >= 500:  # a 4xx is the request's, not the upstream's
                     rec.upstream_error = "status"
-                relayed = await relay(answer, self.client, self.route.settings,
-                                      self._common_headers(ticket))
+                await relay(answer, self.client, self._common_headers(ticket), relayed)
                 outcome.images, outcome.usage = relayed.images, relayed.usage
-                rec.upstream_error = relayed.failure or rec.upstream_error
                 assert self.slot is not None
                 self.slot.release()
                 await self.client.send({"type": "http.response.body", "body": b"",
@@ -266,6 +276,7 @@ class Edit:
             rec.upstream_error = exc.kind or rec.upstream_error
             raise
         finally:
+            rec.upstream_error = relayed.failure or rec.upstream_error
             rec.upstream_seconds = time.perf_counter() - start
             rec.images = outcome.images or 0
             rec.usage = outcome.usage

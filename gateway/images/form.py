@@ -53,6 +53,8 @@ class Spool:
     """Files that came before the fields, held (memory, then an unnamed temp file) and
     counted against the instance's and the key's spool caps until replayed or released."""
 
+    __slots__ = ("_capacity", "_file", "_key", "_settings", "held")
+
     def __init__(self, settings: Settings, capacity: Capacity, key: str | None) -> None:
         self._settings = settings
         self._capacity = capacity
@@ -98,6 +100,10 @@ class Spool:
 class EditForm:
     """The client's parts as the rules see them. `spool_events` runs until the fields can be
     judged; from then on `feed` passes accepted bytes to `out`, the upstream form."""
+
+    __slots__ = ("_part", "_reader", "_text", "_upload", "allowed_models", "bounds", "catalog",
+                 "fields", "first_image_name", "image_field", "images", "judged", "n_changed", "out",
+                 "parsed", "prompt", "settings", "spool", "text_bytes", "uploads")
 
     def __init__(self, catalog: Catalog, settings: Settings, bounds: Bounds, boundary: bytes,
                  allowed_models: tuple[str, ...], spool: Spool, out: UpstreamForm) -> None:
@@ -186,12 +192,12 @@ class EditForm:
         self._judge_mask()
         return rules.final_values(self.judged)
 
-    def spooled(self) -> Iterator[tuple[Upload, Iterator[bytes]]]:
-        """The spooled files in order, each with its bytes (their heads put to `out` first)."""
+    def spooled(self) -> Iterator[Iterator[bytes]]:
+        """The spooled files' bytes in order, each file's head put to `out` first."""
         for upload in self.uploads:
             if upload.spooled:
                 self._file_head(upload)
-                yield upload, self.spool.replay(upload.spool_start, upload.size)
+                yield self.spool.replay(upload.spool_start, upload.size)
 
     def _ready(self) -> bool:
         """Fields are final enough to stream: the model and prompt seen and the combination

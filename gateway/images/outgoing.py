@@ -14,6 +14,8 @@ from gateway.multipart import MultipartWriter
 
 
 class UpstreamForm:
+    __slots__ = ("_out", "_writer", "content_type")
+
     def __init__(self) -> None:
         self._writer = MultipartWriter()
         self.content_type = self._writer.content_type

@@ -18,11 +18,10 @@ from gateway.errors import (
     UpstreamResponseTooLarge,
 )
 from gateway.images.client import Client
-from gateway.settings import Settings
 from gateway.upstream import Answer
 from gateway.usage import UsageMeter
 
-log = logging.getLogger("gateway.images")
+log = logging.getLogger("gateway.edits")  # the name operators filter on
 
 # Upstream answer headers worth passing on; hop-by-hop and rate-limit headers are the gateway's.
 PASS_HEADERS = frozenset({
@@ -80,11 +79,12 @@ class Relayed:
     failure: str = ""  # how the upstream broke an event stream off (the error event was sent)
 
 
-async def relay(answer: Answer, client: Client, settings: Settings,
-                headers: list[tuple[bytes, bytes]]) -> Relayed:
+async def relay(answer: Answer, client: Client, headers: list[tuple[bytes, bytes]],
+                out: Relayed) -> None:
     """Relay the answer's head and body (all but the closing empty message, which the flow sends
-    once the request's slot is given back). An upstream error status becomes an UpstreamError
-    (or UpstreamRejectedKey) before anything is sent."""
+    once the request's slot is given back), filling in `out` as it goes. An upstream error status
+    becomes an UpstreamError (or UpstreamRejectedKey) before anything is sent."""
+    settings = client.settings
     if answer.status == 401:
         # The upstream refused the gateway's own key: the operator's problem, never the
         # client's, and the upstream's message may echo part of that key.
@@ -118,7 +118,6 @@ async def relay(answer: Answer, client: Client, settings: Settings,
     framer = EventFramer(settings.max_event_bytes) if sse else None
     # Only a success is metered: an error answer carries no images and no usage.
     meter = UsageMeter(sse=sse) if answer.status < 300 else None
-    out = Relayed()
     await client.send({"type": "http.response.start", "status": answer.status,
                        "headers": headers})
     received = 0
@@ -153,4 +152,3 @@ async def relay(answer: Answer, client: Client, settings: Settings,
         # counts what it delivered: the final images sent before the error event.
         out.images = meter.images if meter.images or out.failure else None
         out.usage = meter.usage
-    return out

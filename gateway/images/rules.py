@@ -26,10 +26,6 @@ class Judged:
     values: dict[str, str]
     sent: list[str] = field(default_factory=list)
 
-    @property
-    def prompt(self) -> str:
-        return self.values["prompt"]
-
 
 @dataclass(frozen=True, slots=True)
 class Bounds:

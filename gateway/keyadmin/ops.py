@@ -19,12 +19,10 @@ KEY_ID = re.compile(r"key_[0-9a-f]{16}")  # what `id_for_hash` makes and [keys.I
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-class _KeyFields(BaseModel):
+class _KeyName(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field("", min_length=1, max_length=200)
-    models: list[str] = Field(default_factory=list, max_length=1000)  # empty: every model
-    metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -32,6 +30,20 @@ class _KeyFields(BaseModel):
         if _CONTROL.search(v):
             raise ValueError("must not contain control characters")
         return v
+
+
+# One field per limit of `Limits`, in its order, after the name.
+_KeyLimits = create_model(
+    "_KeyLimits", __base__=_KeyName, __module__=__name__,
+    **{name: (int, Field(0, ge=0, le=MAX_LIMIT, strict=True)) for name in LIMIT_NAMES})
+
+
+class KeyChanges(_KeyLimits):  # type: ignore[misc,valid-type]
+    """What an operator may set on a key; a PATCH applies only the fields it names. Strict, so a
+    limit is a JSON integer (never "5", 5.0 or true) and a typo is an unknown field, not ignored."""
+
+    models: list[str] = Field(default_factory=list, max_length=1000)  # empty: every model
+    metadata: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("models")
     @classmethod
@@ -57,15 +69,7 @@ class _KeyFields(BaseModel):
         return v
 
 
-# What an operator may set on a key; a PATCH applies only the fields it names. Strict, so a limit
-# is a JSON integer (never "5", 5.0 or true) and a typo is an unknown field, not ignored. One
-# field per limit of `Limits`, in its order.
-KeyChanges = create_model(
-    "KeyChanges", __base__=_KeyFields, __module__=__name__,
-    **{name: (int, Field(0, ge=0, le=MAX_LIMIT, strict=True)) for name in LIMIT_NAMES})
-
-
-class KeyCreate(KeyChanges):  # type: ignore[misc,valid-type]
+class KeyCreate(KeyChanges):
     """A new key: a name is required; a limit left out is no limit of that kind."""
 
     name: str = Field(min_length=1, max_length=200)
@@ -91,7 +95,7 @@ def new_record(spec: KeyCreate) -> tuple[KeyRecord, str]:
     return KeyRecord.new(spec.name, limits, tuple(spec.models), dict(spec.metadata))
 
 
-def changed(record: KeyRecord, changes: _KeyFields) -> KeyRecord:
+def changed(record: KeyRecord, changes: KeyChanges) -> KeyRecord:
     """`record` with the fields `changes` names; the others (status, hash, created) untouched."""
     given = changes.model_fields_set
     limits = replace(record.limits, **{n: getattr(changes, n) for n in LIMIT_NAMES if n in given})
@@ -107,7 +111,7 @@ async def find_key(store: QuotaStore, key_id: str) -> KeyRecord | None:
     return await store.get_key(key_id) if KEY_ID.fullmatch(key_id) else None
 
 
-async def update_key(store: QuotaStore, key_id: str, changes: _KeyFields) -> KeyRecord | None:
+async def update_key(store: QuotaStore, key_id: str, changes: KeyChanges) -> KeyRecord | None:
     record = await find_key(store, key_id)
     if record is None:
         return None

@@ -25,7 +25,9 @@ import uvloop
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway.app import Gateway, create_app
+from gateway.images.client import Client
 from gateway.images.flow import Edit
+from gateway.images.form import EditForm, Spool
 from gateway.keys import KeyRecord, Limits
 from gateway.settings import KeyEntry, Settings
 from tests.conftest import UPSTREAM_KEY, GatewayProcess
@@ -296,13 +298,17 @@ class State:
     fds: int  # this process's fds, minus the sockets between the gateway's pool and the upstream
     busy_upstream_connections: int  # pool connections not idle (a response never closed)
     spool_files: int
-    edits: int = 0  # live gateway.images.flow.Edit objects after gc.collect() (read last: slow)
+    edits: int = 0  # live Edit, Client, EditForm, Spool objects after gc.collect() (slow: last)
+
+
+_REQUEST_TYPES = frozenset({Edit, Client, EditForm, Spool})
 
 
 def _live_edits(*, collect: bool = True) -> int:
     if collect:
         gc.collect()
-    return sum(type(o) is Edit for o in gc.get_objects())  # isinstance() would wake lazy proxies
+    # isinstance() would wake lazy proxies; the parts too: a timer or a file can hold one alone
+    return sum(type(o) in _REQUEST_TYPES for o in gc.get_objects())
 
 
 class InProcessGateway:

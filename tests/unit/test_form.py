@@ -81,7 +81,7 @@ class Harness:
         early = ["model", "prompt", *judged.sent]
         out.fields(judged.spec, early, judged.values)
         upstream = []
-        for _, chunks in form.spooled():
+        for chunks in form.spooled():
             upstream.append(out.take())
             upstream += list(chunks)
             out.file_end()

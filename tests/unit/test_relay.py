@@ -17,7 +17,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.images.client import Client
-from gateway.images.relay import relay
+from gateway.images.relay import Relayed, relay
 from tests.support.helpers import shipped_settings
 
 USAGE = {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}
@@ -43,7 +43,7 @@ class FakeAnswer:
             raise self._fail
 
 
-async def _relay(answer: FakeAnswer, **settings: object) -> tuple[list[Message], object]:
+async def _relay(answer: FakeAnswer, **settings: object) -> tuple[list[Message], Relayed]:
     sent: list[Message] = []
 
     async def send(message: Message) -> None:
@@ -54,7 +54,8 @@ async def _relay(answer: FakeAnswer, **settings: object) -> tuple[list[Message],
 
     s = shipped_settings(**settings)
     client = Client(receive, send, s, 1 << 20, "req-1", expects_continue=False)
-    result = await relay(answer, client, s, [(b"x-request-id", b"req-1")])  # type: ignore[arg-type]
+    result = Relayed()
+    await relay(answer, client, [(b"x-request-id", b"req-1")], result)  # type: ignore[arg-type]
     return sent, result
 
 
