@@ -22,7 +22,6 @@ import httpx
 import pytest
 import uvicorn
 import uvloop
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway.app import Gateway, create_app
 from gateway.images.client import Client
@@ -34,6 +33,7 @@ from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.support import redis_nodes
 from tests.support.fake_upstream import FakeUpstream, Recorded, _free_port
 from tests.support.helpers import (
+    ExplicitSettings,
     edit_head,
     make_key,
     multipart,
@@ -273,21 +273,6 @@ def _healthz_served_by(gw: GatewayProcess, pid: int) -> bool:
 
 
 # ----------------------------------------------------------------- in-process gateway
-class _ExplicitSettings(Settings):
-    """Settings from the arguments alone: no GATEWAY_* variable or config file leaks in."""
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings,)
-
-
 @dataclass(frozen=True)
 class State:
     """What a finished request must have given back."""
@@ -396,7 +381,7 @@ def inproc(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
     upstream.reset()  # set up before the per-test reset: a failed earlier test may have left it steered
     record, secret = KeyRecord.new("faults", Limits())
     spool = tmp_path_factory.mktemp("spool")
-    settings = _ExplicitSettings(
+    settings = ExplicitSettings(
         port=_free_port(), upstream_base_url=upstream.url, upstream_api_key=UPSTREAM_KEY,
         upstream_read_timeout=1.0, body_read_timeout=1.0, lease_ttl_seconds=3,
         spool_dir=spool, spool_memory_bytes=1, drain_seconds=0, shutdown_timeout=2,

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from gateway.keys import KeyRecord, Limits
 from gateway.quota.redis_store import RedisStore
@@ -22,15 +23,25 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text
 
 
-def shipped_settings(**values: Any) -> Settings:
-    """Settings with the shipped defaults and `values`, whatever GATEWAY_* variables this process
-    has (for tests that build parts in memory, without a server)."""
-    import pytest
+class ExplicitSettings(Settings):
+    """Settings from the arguments alone: no GATEWAY_* variable or config file leaks in."""
 
-    with pytest.MonkeyPatch.context() as env:
-        for name in [n for n in os.environ if n.startswith("GATEWAY_")]:
-            env.delenv(name)
-        return Settings(**values)
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
+def shipped_settings(**values: Any) -> Settings:
+    """The shipped defaults and `values`, whatever GATEWAY_* variables this process has (for
+    tests that build parts in memory, without a server)."""
+    return ExplicitSettings(**values)
 
 
 def multipart(parts: list[Part], boundary: str = "XyZ-boundary") -> tuple[bytes, str]:
