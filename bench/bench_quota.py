@@ -130,7 +130,7 @@ async def floor(url: str, key_hash: str, key_id: str, calls: int, warmup: int) -
     try:
         for i in range(warmup):
             lease = f"bench-warm-{i}"
-            await store.admit(key_hash, "gpt-image-1", 1, lease)
+            await store.admit(key_hash, "gpt-image-2", 1, lease)
             await store.settle(key_id, lease, answered=True, images=1, tokens=0)
             await store.redis.ping()
         before = await command_stats(url)
@@ -138,7 +138,7 @@ async def floor(url: str, key_hash: str, key_id: str, calls: int, warmup: int) -
         for i in range(calls):
             lease = f"bench-floor-{i}"
             c0, t0 = time.process_time(), time.perf_counter()
-            decision = await store.admit(key_hash, "gpt-image-1", 1, lease)
+            decision = await store.admit(key_hash, "gpt-image-2", 1, lease)
             c1, t1 = time.process_time(), time.perf_counter()
             await store.settle(key_id, lease, answered=True, images=1, tokens=0)
             c2, t2 = time.process_time(), time.perf_counter()

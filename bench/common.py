@@ -239,7 +239,7 @@ def multipart(image: bytes, prompt: str = PROMPT, fields: Iterable[tuple[str, st
     """model, prompt, `fields`, then image: the order the OpenAI Python SDK sends them in."""
     b = BOUNDARY.encode()
     out = b""
-    for name, value in (("model", "gpt-image-1"), ("prompt", prompt), *fields):
+    for name, value in (("model", "gpt-image-2"), ("prompt", prompt), *fields):
         out += (b"--" + b + b'\r\nContent-Disposition: form-data; name="' + name.encode()
                 + b'"\r\n\r\n' + value.encode() + b"\r\n")
     out += (b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="image.png"'

@@ -30,7 +30,7 @@ def image_request(rec: RequestRecord, *, model: str, prompt: str | None, key_lab
     fields: dict[str, Any] = {
         "request_id": rec.request_id, "upstream_request_id": rec.upstream_request_id,
         "trace_id": rec.trace_id, "client": rec.client, "key_id": rec.key_id,
-        "model": model, "n": rec.n,
+        "model": model, "requested_model": rec.requested_model, "n": rec.n,
         "status": rec.status or 499, "bytes_in": rec.bytes_in, "bytes_out": rec.bytes_out,
         "upstream_ms": round(rec.upstream_seconds * 1000, 3),
         "total_ms": round(total * 1000, 3), "rejection": rec.rejection,

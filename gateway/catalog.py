@@ -6,9 +6,10 @@ an edit to `[models.NAME]` in the config file, not to code.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from importlib import resources
 from typing import Any, Literal
 
@@ -21,6 +22,18 @@ IMAGE_FORMATS = ("png", "jpeg", "webp")
 _SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 _INTEGER = re.compile(r"-?[0-9]{1,9}")
 PASSTHROUGH_MAX_N = 10  # OpenAI's own bound on n
+
+
+class CrossRule(BaseModel):
+    """A rule between fields: when this field holds one of `when` (any value if empty), the
+    `requires` fields must hold one of theirs and the `forbids` fields must not be sent (a bool
+    sent as false counts as not sent; "mask" is the mask file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    when: tuple[str, ...] = ()
+    requires: dict[str, tuple[str, ...]] = {}
+    forbids: tuple[str, ...] = ()
 
 
 class FieldRule(BaseModel):
@@ -43,9 +56,13 @@ class FieldRule(BaseModel):
     default: str | None = None
     # Accepted from clients and never sent upstream (response_format for always-base64 models).
     drop: bool = False
-    # When set (and, with `when`, only for those values): other fields must hold one of these.
+    # A rule between fields (see CrossRule), written inline; more of them in `rules`.
     requires: dict[str, tuple[str, ...]] = {}
+    forbids: tuple[str, ...] = ()
     when: tuple[str, ...] = ()
+    rules: tuple[CrossRule, ...] = ()
+    # An int rule (a frame count): its value times the pixels of `size` (when WxH) at most this.
+    pixel_budget: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -160,6 +177,13 @@ class ModelSpec(BaseModel):
     fields: dict[str, FieldRule] = {}
     # Pass text fields the spec does not name through unchecked (unknown models, or by setting).
     open_fields: bool = False
+    # The provider's announced end of the model (not inherited through `extends`): from that day
+    # a request for it is refused with its `replacement` named, unless an alias maps the name.
+    shutdown_date: dt.date | None = None
+    replacement: str | None = None
+
+    def shut_down(self, today: dt.date) -> bool:
+        return self.shutdown_date is not None and today >= self.shutdown_date
 
     @property
     def max_request_bytes(self) -> int:
@@ -167,29 +191,56 @@ class ModelSpec(BaseModel):
         return self.max_images * self.max_image_bytes + mask
 
     def check_combination(self, values: Mapping[str, str], sent: Iterable[str]) -> None:
-        """Cross-field rules (`requires`) for the fields the client sent."""
+        """Cross-field rules (`requires`, `forbids`, `pixel_budget`) for the fields the client
+        sent. `values` holds the defaults too, and "mask" when a mask file was sent."""
         for name in sent:
             rule = self.fields.get(name)
-            if rule is None or not rule.requires or (rule.when and values[name] not in rule.when):
+            if rule is None:
                 continue
-            for other, allowed in rule.requires.items():
-                if values.get(other) not in allowed:
-                    want = " or ".join(allowed)
+            for cross in (rule, *rule.rules):
+                if cross.when and values[name] not in cross.when:
+                    continue
+                for other, allowed in cross.requires.items():
+                    if values.get(other) not in allowed:
+                        want = " or ".join(allowed)
+                        raise InvalidRequest(
+                            f"'{name}={values[name]}' requires '{other}' to be {want}.",
+                            param=name)
+                for other in cross.forbids:
+                    if values.get(other, "false") != "false":
+                        raise InvalidRequest(
+                            f"'{name}={values[name]}' cannot be combined with '{other}'.",
+                            param=name)
+            if rule.pixel_budget and (m := _SIZE.fullmatch(values.get("size", ""))):
+                pixels = int(values[name]) * int(m[1]) * int(m[2])
+                if pixels > rule.pixel_budget:
                     raise InvalidRequest(
-                        f"'{name}={values[name]}' requires '{other}' to be {want}.", param=name)
+                        f"'{name}={values[name]}' frames of {m[0]} are {pixels} pixels; at most "
+                        f"{rule.pixel_budget} together.", param=name)
+
+
+def _today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
 
 
 class Catalog:
-    """The enabled models by name, plus what the route needs to judge names it does not know."""
+    """The enabled models by name, plus what the route needs to judge names it does not know.
+
+    `models` holds every enabled model, shut down or not (its rules and replacement stay known);
+    `served()` says which ones a request may use today, and `resolve` refuses the others.
+    """
 
     def __init__(self, models: Iterable[ModelSpec], *, default_model: str,
-                 passthrough: ModelSpec | None = None) -> None:
+                 passthrough: ModelSpec | None = None, aliases: Mapping[str, str] | None = None,
+                 today: Callable[[], dt.date] = _today) -> None:
         models = list(models)
         self.models = {m.name: m for m in models if m.enabled}
         # Disabled names stay refused, even where unknown names pass through.
         self.disabled = frozenset(m.name for m in models if not m.enabled)
         self.default_model = default_model
         self.passthrough = passthrough
+        self.aliases = dict(aliases or {})
+        self.today = today
         # Fields some model takes: a field outside this set is "unknown", inside it "unsupported".
         self.known_fields = frozenset(f for m in self.models.values() for f in m.fields)
         self._fields_closed = passthrough is None and not any(
@@ -200,17 +251,29 @@ class Catalog:
         return self._fields_closed and name not in self.known_fields and \
             name not in ("model", "prompt")
 
+    def served(self) -> list[ModelSpec]:
+        """The models a request may name today."""
+        today = self.today()
+        return [m for m in self.models.values() if not m.shut_down(today)]
+
     def resolve(self, name: str | None) -> ModelSpec:
+        """The spec that serves `name` (an alias's target); 404 for a disabled or shut-down
+        model, 400 for a name the catalog does not know (unless unknown names pass through)."""
         name = self.default_model if name is None else name.strip()
+        name = self.aliases.get(name, name)
         spec = self.models.get(name)
         if spec is not None:
+            if spec.shut_down(self.today()):
+                instead = f" Use '{spec.replacement}' instead." if spec.replacement else ""
+                raise NotFound(f"The model '{name}' was shut down on {spec.shutdown_date}."
+                               + instead, param="model", code="model_not_found")
             return spec
         if name in self.disabled:
             raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
         if self.passthrough is not None and name:
             return self.passthrough.model_copy(update={"name": name})
-        choices = ", ".join(f"'{m}'" for m in self.models)
+        choices = ", ".join(f"'{m.name}'" for m in self.served())
         raise InvalidRequest(f"Invalid value: '{name}'. Supported values are: {choices}.",
                              param="model")
 
@@ -254,11 +317,22 @@ class Catalog:
                 fields={"n": N_RULE},
                 mask=MaskRule(formats=IMAGE_FORMATS, require_alpha=False, match_first_image=False),
                 max_image_bytes=biggest.max_image_bytes if biggest else 50 * 1024 * 1024)
-        catalog = cls(specs, default_model=settings.default_model, passthrough=passthrough)
-        if settings.default_model not in catalog.models and passthrough is None:
+        catalog = cls(specs, default_model=settings.default_model, passthrough=passthrough,
+                      aliases=settings.aliases)
+        served = {m.name for m in catalog.served()}
+        for alias, target in settings.aliases.items():
+            if target not in served:
+                raise SettingsError(f"invalid setting aliases.{alias}: '{target}' is not a model "
+                                    "the catalog serves today")
+        for spec in catalog.models.values():
+            if spec.replacement is not None and spec.replacement not in catalog.models:
+                raise SettingsError(f"catalog model '{spec.name}': replacement "
+                                    f"'{spec.replacement}' is not a model of the catalog")
+        default = catalog.aliases.get(settings.default_model, settings.default_model)
+        if default not in served and passthrough is None:
             raise SettingsError(
                 f"invalid setting default_model (GATEWAY_DEFAULT_MODEL): '{settings.default_model}'"
-                " is not an enabled model of the catalog")
+                " is not an enabled model of the catalog served today")
         return catalog
 
 
@@ -288,7 +362,8 @@ def _resolve_extends(raw: Mapping[str, dict[str, Any]], name: str,
     if parent in seen or parent == name:
         raise SettingsError(f"catalog model '{name}': 'extends' forms a cycle")
     inherited = _resolve_extends(raw, parent, (*seen, name))
-    inherited.pop("enabled", None)
+    for own in ("enabled", "shutdown_date", "replacement"):  # a model's own, never inherited
+        inherited.pop(own, None)
     return _merge(inherited, table)
 
 

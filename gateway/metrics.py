@@ -50,6 +50,8 @@ IMAGES = Counter("gateway_images_total", "Final images returned (data entries or
                  "events, not partial images)", ["model", "key_id"])
 TOKENS = Counter("gateway_tokens_total", "Tokens the upstream reported",
                  ["model", "key_id", "type"])
+ALIASES = Counter("gateway_model_alias_requests_total", "Requests that named an alias, by the "
+                  "alias and the model that served them", ["alias", "model"])
 REJECTIONS = Counter("gateway_rejections_total", "Requests the gateway refused itself",
                      ["reason"])
 UPSTREAM_ERRORS = Counter("gateway_upstream_errors_total", "Upstream failures by kind "
@@ -75,6 +77,7 @@ class RequestRecord:
     start: float
     request_id: str = ""
     model: str = ""  # the metrics label (pass-through models share one)
+    requested_model: str = ""  # the alias the client named, when one
     key_id: str = ""
     n: int = 0
     status: int = 0
@@ -113,6 +116,8 @@ def record(rec: RequestRecord, total_seconds: float, *, key_labels: bool) -> Non
         UPSTREAM_DURATION.labels(model).observe(rec.upstream_seconds)
     if rec.rejection:
         REJECTIONS.labels(rec.rejection).inc()
+    if rec.requested_model:
+        ALIASES.labels(rec.requested_model, model).inc()
     if rec.upstream_error:
         UPSTREAM_ERRORS.labels(model, rec.upstream_error).inc()
     key = rec.key_id if key_labels else ""

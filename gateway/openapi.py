@@ -100,7 +100,10 @@ SCHEMAS: Doc = {
     "Model": {
         "type": "object", "required": ["id", "object", "created", "owned_by"],
         "properties": {"id": _STRING, "object": {"const": "model"}, "created": _INTEGER,
-                       "owned_by": _STRING},
+                       "owned_by": _STRING,
+                       "shutdown_date": {"type": ["string", "null"], "format": "date",
+                                         "description": "The provider's announced shutdown "
+                                                        "(YYYY-MM-DD), or null."}},
     },
     "ModelList": {
         "type": "object", "required": ["object", "data"],
@@ -147,15 +150,23 @@ EDIT_FORM: Doc = {
                    "description": "Not blank"},  # + the catalog's lengths
         "mask": {**_BINARY, "description": "PNG with alpha, the size of the first image."},
         "model": {"type": "string", "description": "A catalog model.",
-                  "examples": ["gpt-image-1", "gpt-image-1.5", "gpt-image-2", "dall-e-2"]},
+                  "examples": ["gpt-image-2", "gpt-image-2.6-flare", "gpt-image-2.6-sunburst"]},
         "n": {"type": "integer"},
         "size": {"type": "string", "description": "Per model: `auto`, `1024x1024`, ...; "
                  "gpt-image-2 takes any WxH in multiples of 16.",
                  "examples": ["auto", "1024x1024", "1536x1024", "1024x1536", "512x512"]},
-        "quality": {"type": "string", "examples": ["auto", "low", "medium", "high", "standard"]},
+        "quality": {"type": "string", "examples": ["auto", "low", "medium", "high", "xhigh", "max"]},
+        "complexity": {"type": "string", "examples": ["low", "medium", "high"],
+                       "description": "gpt-image-2.6: how much the model plans before it renders."},
         "background": {"type": "string", "examples": ["auto", "opaque", "transparent"]},
         "moderation": {"type": "string", "examples": ["auto", "low"]},
-        "output_format": {"type": "string", "examples": ["png", "jpeg", "webp"]},
+        "output_format": {"type": "string", "examples": ["png", "jpeg", "webp", "gif", "svg"],
+                          "description": "gif and svg on gpt-image-2.6: a GIF cannot stream, have "
+                                         "partial images, a mask or output_compression; an SVG "
+                                         "is one image."},
+        "frame_count": {"type": "integer", "description": "GIF frames; their pixels together "
+                        "within the model's budget."},
+        "frame_duration_ms": {"type": "integer", "description": "Each GIF frame's delay."},
         "output_compression": {"type": "integer",
                                "description": "With output_format jpeg or webp."},
         "input_fidelity": {"type": "string", "examples": ["high", "low"]},
@@ -214,7 +225,7 @@ OPERATIONS: dict[tuple[str, str], Doc] = {
         **_KEY_ERRORS}},
     ("/v1/models/{model}", "get"): {"parameters": [
         {"name": "model", "in": "path", "required": True,
-         "schema": {"type": "string", "examples": ["gpt-image-1", "dall-e-2"]}}], "responses": {
+         "schema": {"type": "string", "examples": ["gpt-image-2", "gpt-image-2.6-flare"]}}], "responses": {
         "200": _json("Model", "The model."),
         "404": _error("Not in the catalog, or not among the key's models (`model_not_found`)."),
         **_KEY_ERRORS}},

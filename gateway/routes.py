@@ -26,7 +26,7 @@ def api_router(catalog: Catalog, admission: Admission, *, metrics_route: bool) -
     @router.get("/v1/models")
     async def list_models(request: Request) -> dict[str, object]:
         allowed = await allowed_models(request)
-        return {"object": "list", "data": [_model(m) for m in catalog.models.values()
+        return {"object": "list", "data": [_model(m) for m in catalog.served()
                                            if not allowed or m.name in allowed]}
 
     @router.get("/v1/models/{model:path}")
@@ -36,6 +36,7 @@ def api_router(catalog: Catalog, admission: Admission, *, metrics_route: bool) -
         if spec is None or (allowed and model not in allowed):
             raise NotFound(f"The model '{model}' does not exist.", param="model",
                            code="model_not_found")
+        catalog.resolve(model)  # 404 naming the replacement once it is shut down
         return _model(spec)
 
     @router.get("/v1/usage")
@@ -77,7 +78,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def _model(spec: ModelSpec) -> dict[str, object]:
-    return {"id": spec.name, "object": "model", "created": spec.created, "owned_by": spec.owned_by}
+    shutdown = spec.shutdown_date.isoformat() if spec.shutdown_date else None
+    return {"id": spec.name, "object": "model", "created": spec.created, "owned_by": spec.owned_by,
+            "shutdown_date": shutdown}
 
 
 def _error_response(exc: GatewayError) -> Response:

@@ -147,7 +147,10 @@ class Settings(BaseSettings):
     # Catalog: the shipped one, replaced by `catalog_file` and amended by `[models.NAME]` tables.
     catalog_file: Path | None = None
     models: dict[str, dict[str, Any]] = {}
-    default_model: str = "gpt-image-1"
+    # A name clients send -> the catalog model that serves it (judged by its rules, sent upstream
+    # by its name): keeps clients of a shut-down model working, e.g. gpt-image-1 -> gpt-image-2.
+    aliases: dict[str, str] = {}
+    default_model: str = "gpt-image-2"
     unknown_models: Literal["reject", "pass"] = "reject"
     unknown_fields: Literal["reject", "pass"] = "reject"
 

@@ -17,9 +17,11 @@ import pytest
 from pytest_redis import factories
 
 from tests.support.fake_upstream import FakeUpstream, _free_port
-from tests.support.helpers import flush
+from tests.support.helpers import TEST_CATALOG, flush
 
 UPSTREAM_KEY = "sk-upstream-secret-0123456789"
+# Gateways run on the test catalog (tests/support/catalog.toml) unless a test names another.
+TEST_CATALOG_ENV = {"GATEWAY_CATALOG_FILE": str(TEST_CATALOG), "GATEWAY_DEFAULT_MODEL": "gpt-image-1"}
 
 
 class GatewayProcess:
@@ -31,6 +33,7 @@ class GatewayProcess:
         if config is not None:
             args += ["--config", str(config)]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        full_env.update(TEST_CATALOG_ENV)
         full_env.update(env)
         # A file, not a pipe: a pipe nobody reads fills up and blocks the gateway's logging.
         self.log_path = log_path or Path(tempfile.mkstemp(prefix="gateway-", suffix=".log")[1])

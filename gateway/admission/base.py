@@ -38,6 +38,7 @@ class ImageRequest:
     model: ModelSpec
     n: int
     stream: bool
+    allowed_as: str = ""  # the name the key's model list allows it under (an alias's, or model's)
 
 
 @dataclass(slots=True)

@@ -180,8 +180,8 @@ class QuotaAdmission(Admission):
         assert principal.key_id is not None  # authenticate() gives every caller here a key
         lease = uuid.uuid4().hex
         try:
-            decision = await self.store.admit(principal.hash, request.model.name, request.n,
-                                              lease)
+            decision = await self.store.admit(
+                principal.hash, request.allowed_as or request.model.name, request.n, lease)
         except StoreUnavailable as exc:
             # The script may have run before the reply was lost: give its lease back if so.
             release = self.store.settle(principal.key_id, lease, answered=False, images=0, tokens=0)
@@ -194,7 +194,8 @@ class QuotaAdmission(Admission):
         if decision.status == UNKNOWN_KEY:
             raise Unauthorized("Incorrect API key provided.")
         if decision.status == MODEL:
-            raise Forbidden(f"This API key may not use model '{request.model.name}'.", param="model",
+            name = request.allowed_as or request.model.name
+            raise Forbidden(f"This API key may not use model '{name}'.", param="model",
                             code="model_not_allowed")
         raise _refusal(decision, headers)
 

@@ -13,6 +13,7 @@ or double parsing on the hot path, and direct access to `receive` for disconnect
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from gateway import access, logs, metrics
 from gateway.admission import Admission, ImageRequest, Outcome, Principal, Ticket
 from gateway.asgi import Receive, Scope, Send, headers_of, request_id
-from gateway.catalog import Catalog
+from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import GatewayError, RequestTimeout, RequestTooLarge, UpstreamError
 from gateway.images import EDITS_PATH, UPSTREAM_EDITS_PATH, rules
 from gateway.images.capacity import Capacity, Slot
@@ -165,7 +166,8 @@ class Edit:
         client.pause()  # until the upstream asks for the body (see _upload)
         self.rec.n = rules.requested_n(judged.spec, judged.values)
         ticket = self.ticket = await route.admission.admit(principal, ImageRequest(
-            self.rec.request_id, judged.spec, self.rec.n, rules.wants_stream(judged.values)))
+            self.rec.request_id, judged.spec, self.rec.n, rules.wants_stream(judged.values),
+            judged.allowed_as))
         # 4. Upload, relay the answer; 5. settle, whatever happened.
         outcome = Outcome(answered=False)
         try:
@@ -304,6 +306,9 @@ class Edit:
 
     def _common_headers(self, ticket: Ticket | None) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.rec.request_id.encode())]
+        judged = self.form.judged if self.form is not None else None
+        if judged is not None and judged.requested:
+            headers += alias_headers(self.route.catalog, judged.requested, judged.spec)
         if ticket is not None:
             headers += [(k.encode(), v.encode()) for k, v in ticket.headers.items()]
         return headers
@@ -322,6 +327,7 @@ class Edit:
         model = judged.spec.name if judged is not None else ""
         # Pass-through models are named by clients: one label for all, to bound cardinality.
         rec.model = model if not model or model in route.catalog.models else "passthrough"
+        rec.requested_model = judged.requested if judged is not None else ""
         rec.key_id = self.principal.key_id or "" if self.principal is not None else ""
         rec.bytes_in, rec.bytes_out = client.received, client.bytes_out
         rec.client_seconds, rec.end = client.waited, client.answered_at
@@ -330,6 +336,16 @@ class Edit:
             route.settings.log_prompts else None
         access.image_request(rec, model=model, prompt=prompt,
                              key_labels=route.settings.metrics_key_labels)
+
+
+def alias_headers(catalog: Catalog, requested: str, spec: ModelSpec) -> list[tuple[bytes, bytes]]:
+    """What served an aliased request, and (RFC 9745) when the name it used was deprecated."""
+    headers = [(b"x-served-model", spec.name.encode())]
+    old = catalog.models.get(requested)
+    if old is not None and old.shutdown_date is not None:
+        when = dt.datetime.combine(old.shutdown_date, dt.time(), dt.UTC)
+        headers.append((b"deprecation", f"@{int(when.timestamp())}".encode()))
+    return headers
 
 
 def _as_gateway_error(exc: Exception, rid: str) -> GatewayError:

@@ -166,13 +166,15 @@ class EditForm:
         """Judge the text fields read so far against the model (and the images read so far);
         None if not `final` and their combination is not valid yet."""
         model = self.fields.get("model")
-        rules.allowed_model(self.allowed_models,
-                            self.catalog.default_model if model is None else model.strip())
-        spec = self.catalog.resolve(model)
+        name = self.catalog.default_model if model is None else model.strip()
+        allowed_as = rules.allowed_model(self.allowed_models, name, self.catalog.aliases.get(name))
+        spec = self.catalog.resolve(name)
         self.prompt = rules.judge_prompt(spec, self.fields.get("prompt"))
         judged = rules.judge_fields(self.catalog, spec, self.fields, final=final)
         if judged is None:
             return None
+        judged.allowed_as = allowed_as
+        judged.requested = name if name != spec.name else ""
         self.judged, self.fields = judged, {}
         for upload in self.uploads:
             if upload.info is not None:
@@ -190,7 +192,7 @@ class EditForm:
             raise InvalidRequest("Missing required parameter: 'image'.", param="image",
                                  code="missing_required_parameter")
         self._judge_mask()
-        return rules.final_values(self.judged)
+        return rules.final_values(self.judged, mask=any(u.kind == MASK for u in self.uploads))
 
     def spooled(self) -> Iterator[Iterator[bytes]]:
         """The spooled files' bytes in order, each file's head put to `out` first."""

@@ -25,6 +25,8 @@ class Judged:
     spec: ModelSpec
     values: dict[str, str]
     sent: list[str] = field(default_factory=list)
+    requested: str = ""  # the name the client sent, when an alias of spec.name
+    allowed_as: str = ""  # the name the key's model list allows (the store checks it again)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,12 +47,17 @@ class Bounds:
             max_request_bytes=catalog.max_request_bytes)
 
 
-def allowed_model(models: tuple[str, ...], name: str) -> None:
+def allowed_model(models: tuple[str, ...], name: str, target: str | None = None) -> str:
     """A key limited to some models may use only those (checked before any other field, so a
-    key learns nothing about models it may not use)."""
-    if models and name not in models:
-        raise Forbidden(f"This API key may not use model '{name}'.", param="model",
-                        code="model_not_allowed")
+    key learns nothing about models it may not use); an alias is allowed under its own name or
+    its target's. The name it is allowed as."""
+    if not models:
+        return target or name
+    for candidate in (name, target):
+        if candidate in models:
+            return candidate
+    raise Forbidden(f"This API key may not use model '{name}'.", param="model",
+                    code="model_not_allowed")
 
 
 def judge_prompt(spec: ModelSpec, prompt: str | None) -> str:
@@ -93,10 +100,11 @@ def judge_late_field(catalog: Catalog, judged: Judged, name: str, raw: str) -> N
     judged.sent.append(name)
 
 
-def final_values(judged: Judged) -> dict[str, str]:
-    """The values with the model's defaults, once every field is known; the combination checked."""
+def final_values(judged: Judged, *, mask: bool = False) -> dict[str, str]:
+    """The values with the model's defaults, once every field is known; the combination checked
+    (with the mask file, for rules that forbid one)."""
     values = with_defaults(judged.spec, judged.values)
-    judged.spec.check_combination(values, judged.sent)
+    judged.spec.check_combination(values | {"mask": "true"} if mask else values, judged.sent)
     return values
 
 

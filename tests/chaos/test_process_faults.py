@@ -33,13 +33,13 @@ from tests.conftest import UPSTREAM_KEY, GatewayProcess
 from tests.support import redis_nodes
 from tests.support.fake_upstream import FakeUpstream, Recorded, _free_port
 from tests.support.helpers import (
-    ExplicitSettings,
     edit_head,
     make_key,
     multipart,
     open_files_in,
     raw_exchange,
     scrape,
+    suite_settings,
     usage_of,
     value,
 )
@@ -381,7 +381,7 @@ def inproc(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
     upstream.reset()  # set up before the per-test reset: a failed earlier test may have left it steered
     record, secret = KeyRecord.new("faults", Limits())
     spool = tmp_path_factory.mktemp("spool")
-    settings = ExplicitSettings(
+    settings = suite_settings(
         port=_free_port(), upstream_base_url=upstream.url, upstream_api_key=UPSTREAM_KEY,
         upstream_read_timeout=1.0, body_read_timeout=1.0, lease_ttl_seconds=3,
         spool_dir=spool, spool_memory_bytes=1, drain_seconds=0, shutdown_timeout=2,

@@ -139,7 +139,8 @@ def test_document_describes_the_edit_route(target: Target) -> None:
     assert sorted(fields["properties"]) == sorted([
         "image", "image[]", "prompt", "mask", "model", "n", "size", "quality", "background",
         "moderation", "output_format", "output_compression", "input_fidelity", "partial_images",
-        "stream", "response_format", "user", "safety_identifier"])
+        "stream", "response_format", "user", "safety_identifier", "complexity", "frame_count",
+        "frame_duration_ms"])
     types = {name: rule["type"] for name, rule in fields["properties"].items()}
     assert types["image"] == types["image[]"] == "array"
     assert fields["properties"]["image"]["items"] == {"type": "string", "format": "binary"}

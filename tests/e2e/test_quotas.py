@@ -24,10 +24,9 @@ from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import QuotaExceeded, ServiceUnavailable
 from gateway.keys import KeyRecord, Limits
 from gateway.quota.redis_store import RedisStore
-from gateway.settings import Settings
 from tests.conftest import GatewayProcess
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.helpers import edit, edit_head, make_key, multipart, put_key, usage_of
+from tests.support.helpers import edit, edit_head, make_key, multipart, put_key, suite_settings, usage_of
 from tests.support.images import png
 
 
@@ -370,7 +369,7 @@ def test_usage_is_counted_when_the_client_leaves_mid_answer(keyed, redis_url: st
 # ------------------------------------------------------------- admission on a real Redis, in-process
 @pytest.fixture
 def gpt_image() -> ModelSpec:
-    return Catalog.from_settings(Settings()).resolve("gpt-image-1")
+    return Catalog.from_settings(suite_settings()).resolve("gpt-image-1")
 
 
 async def test_a_ticket_extends_its_reservation(redis_url: str, keys_redis,

@@ -23,6 +23,9 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 Part = tuple[str, bytes | str, str | None]  # (name, value, filename) — filename None for text
 
 
+TEST_CATALOG = Path(__file__).parent / "catalog.toml"
+
+
 class ExplicitSettings(Settings):
     """Settings from the arguments alone: no GATEWAY_* variable or config file leaks in."""
 
@@ -42,6 +45,13 @@ def shipped_settings(**values: Any) -> Settings:
     """The shipped defaults and `values`, whatever GATEWAY_* variables this process has (for
     tests that build parts in memory, without a server)."""
     return ExplicitSettings(**values)
+
+
+def suite_settings(**values: Any) -> Settings:
+    """As `shipped_settings`, on the test catalog (every model served, gpt-image-1 the default)
+    unless `values` names another."""
+    return ExplicitSettings(**{"catalog_file": TEST_CATALOG, "default_model": "gpt-image-1",
+                               **values})
 
 
 def multipart(parts: list[Part], boundary: str = "XyZ-boundary") -> tuple[bytes, str]:

@@ -13,7 +13,7 @@ from gateway.images.capacity import Capacity
 from gateway.images.form import EditForm, Spool
 from gateway.images.outgoing import UpstreamForm
 from gateway.images.rules import Bounds
-from tests.support.helpers import multipart, shipped_settings
+from tests.support.helpers import multipart, suite_settings
 from tests.support.images import png
 
 BOUNDARY = "b0undary"
@@ -57,7 +57,7 @@ class Harness:
     """A form as the flow drives it, with the client's body fed in `chunk`-byte messages."""
 
     def __init__(self, **settings: object) -> None:
-        self.settings = shipped_settings(**settings)
+        self.settings = suite_settings(**settings)
         self.catalog = Catalog.from_settings(self.settings)
         self.capacity = Capacity(self.settings)
         self.spool = Spool(self.settings, self.capacity, "key_1")

@@ -10,12 +10,12 @@ from gateway.errors import Forbidden, InvalidRequest, NotFound
 from gateway.images import rules
 from gateway.images.rules import IMAGE, MASK, Bounds
 from gateway.sniff import ImageInfo
-from tests.support.helpers import shipped_settings
+from tests.support.helpers import suite_settings
 
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
-    return Catalog.from_settings(shipped_settings())
+    return Catalog.from_settings(suite_settings())
 
 
 def _png(w: int, h: int, *, alpha: bool = False) -> ImageInfo:
@@ -123,5 +123,5 @@ def test_disabled_and_unknown_models(catalog: Catalog) -> None:
         catalog.resolve("no-such-model")
     assert caught.value.param == "model"
     with pytest.raises(NotFound):
-        Catalog.from_settings(shipped_settings(models={"dall-e-2": {"enabled": False}})
+        Catalog.from_settings(suite_settings(models={"dall-e-2": {"enabled": False}})
                               ).resolve("dall-e-2")
