@@ -15,8 +15,9 @@ from gateway.admission import Admission, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.images import EDITS_PATH
-from gateway.images.flow import EditRoute
+from gateway.images import EDITS_PATH, GENERATIONS_PATH
+from gateway.images.capacity import Capacity
+from gateway.images.flow import Edit, Generation, ImageRoute
 from gateway.keyadmin.http import admin_router
 from gateway.quota import build_store
 from gateway.routes import api_router, install_error_handlers
@@ -31,9 +32,10 @@ class Gateway:
     per-request middleware (measurable on the hot path); everything else, lifespan included,
     goes to the FastAPI app."""
 
-    def __init__(self, api: FastAPI, edits: EditRoute) -> None:
+    def __init__(self, api: FastAPI, edits: ImageRoute, generations: ImageRoute) -> None:
         self.api = api
         self.edits = edits
+        self.generations = generations
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,6 +46,8 @@ class Gateway:
                                                code="duplicate_header"))
         elif scope["path"] == EDITS_PATH and scope["method"] == "POST":
             await self.edits(scope, receive, send)
+        elif scope["path"] == GENERATIONS_PATH and scope["method"] == "POST":
+            await self.generations(scope, receive, send)
         else:
             await self._api(scope, receive, send)
 
@@ -120,12 +124,15 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.state.catalog = catalog
     app.include_router(admin_router(admission.store, settings.admin_key), include_in_schema=False)
     app.include_router(api_router(catalog, admission, metrics_route=settings.metrics_port is None))
-    edits = EditRoute(settings, catalog, upstreams, admission)
+    capacity = Capacity(settings)
+    edits = ImageRoute(Edit, settings, catalog, upstreams, admission, capacity)
+    generations = ImageRoute(Generation, settings, catalog, upstreams, admission, capacity)
     # Also routed here, so other methods get FastAPI's 405 in OpenAI's error shape.
     app.router.routes.append(Route(EDITS_PATH, edits, methods=["POST"]))
+    app.router.routes.append(Route(GENERATIONS_PATH, generations, methods=["POST"]))
     install_error_handlers(app)
     openapi.install(app, catalog, keys=admission.store is not None)
-    return Gateway(app, edits)
+    return Gateway(app, edits, generations)
 
 
 def _admission(settings: Settings) -> Admission:

@@ -56,6 +56,8 @@ class FieldRule(BaseModel):
     default: str | None = None
     # Accepted from clients and never sent upstream (response_format for always-base64 models).
     drop: bool = False
+    # The routes that take the field ("edits", "generations"); empty: both.
+    only: tuple[Literal["edits", "generations"], ...] = ()
     # A rule between fields (see CrossRule), written inline; more of them in `rules`.
     requires: dict[str, tuple[str, ...]] = {}
     forbids: tuple[str, ...] = ()

@@ -35,7 +35,7 @@ class LoopWatch:
     def _tick(self) -> None:
         assert self._loop is not None
         now = self._loop.time()
-        lag = now - self._due
+        lag = max(0.0, now - self._due)  # a timer never runs early; float noise aside
         if lag > LATE:
             self.busy_at = now
         metrics.LOOP_LAG.set(lag)

@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from gateway.catalog import Catalog
-from gateway.images import EDITS_PATH
+from gateway.images import EDITS_PATH, GENERATIONS_PATH
 from gateway.images.rules import Bounds
 
 Doc = dict[str, Any]
@@ -84,7 +84,8 @@ SCHEMAS: Doc = {
                        "or `error` when the upstream broke off.",
         "properties": {
             "type": {"type": "string", "examples": [
-                "image_edit.partial_image", "image_edit.completed", "error"]},
+                "image_edit.partial_image", "image_edit.completed",
+                "image_generation.partial_image", "image_generation.completed", "error"]},
             "b64_json": _STRING, "created_at": _INTEGER, "partial_image_index": _INTEGER,
             "background": _STRING, "output_format": _STRING, "size": _STRING, "quality": _STRING,
             "usage": _ref("ImagesUsage"), "error": _ref("ErrorDetail")},
@@ -212,6 +213,28 @@ EDITS: Doc = {"post": {
         **EDIT_ERRORS},
 }}
 
+GENERATIONS: Doc = {"post": {
+    "summary": "Generate images",
+    "description": "OpenAI's `POST /v1/images/generations`: a JSON body judged by the same "
+                   "catalog rules as an edit's fields, with the same keys and quotas.",
+    "operationId": "create_image",
+    "requestBody": {"required": True,
+                    "content": {"application/json": {"schema": _ref("ImageGenerationRequest")}}},
+    "responses": {
+        "200": {"description": "JSON, or with stream=true Server-Sent Events "
+                               "(`image_generation.partial_image`, `image_generation.completed`, "
+                               "`error`).",
+                "headers": _REQUEST_ID,
+                "content": {"application/json": {"schema": _ref("ImagesResponse")},
+                            "text/event-stream": {"schema": _ref("ImageEditStreamEvent")}}},
+        **{k: v for k, v in EDIT_ERRORS.items() if k not in ("408",)},
+        "400": _error("A bad value, or a field the model (or generations) does not take; a body "
+                      "that is not a JSON object. `param` names the field."),
+        "408": _error("The client stopped sending its body (`request_timeout`)."),
+        "413": _error("The body is above `max_json_body_bytes` (`request_too_large`)."),
+    },
+}}
+
 _KEY_ERRORS: Doc = {
     "401": _error("A missing, unknown or revoked API key (gateways with keys)."),
     "503": _error("The quota store is away and the key cannot be checked.", _RETRY),
@@ -276,6 +299,16 @@ def edit_form(catalog: Catalog) -> Doc:
     return form
 
 
+def generation_body(catalog: Catalog) -> Doc:
+    """The generation's JSON body: the edit form's fields (and their catalog bounds) without the
+    images and the edit-only fields."""
+    body = edit_form(catalog)
+    body.pop("anyOf", None)
+    for name in ("image", "image[]", "mask", "input_fidelity"):
+        body["properties"].pop(name)
+    return body
+
+
 def document(generated: Doc, catalog: Catalog, *, keys: bool) -> Doc:
     """FastAPI's generated document with the edit route, the answers and (with keys) the bearer
     scheme merged in. Operations FastAPI did not generate (/metrics on its own port) stay out."""
@@ -289,12 +322,14 @@ def document(generated: Doc, catalog: Catalog, *, keys: bool) -> Doc:
         if operation is not None:
             operation["responses"].update(copy.deepcopy(extra["responses"]))
             operation.update({k: copy.deepcopy(v) for k, v in extra.items() if k != "responses"})
-    doc["paths"] = {EDITS_PATH: copy.deepcopy(EDITS), **paths}
+    doc["paths"] = {EDITS_PATH: copy.deepcopy(EDITS),
+                    GENERATIONS_PATH: copy.deepcopy(GENERATIONS), **paths}
     components = doc.setdefault("components", {})
     schemas = components.setdefault("schemas", {})
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    schemas.update(copy.deepcopy(SCHEMAS) | {"ImageEditRequest": edit_form(catalog)})
+    schemas.update(copy.deepcopy(SCHEMAS) | {"ImageEditRequest": edit_form(catalog),
+                                             "ImageGenerationRequest": generation_body(catalog)})
     components["headers"] = copy.deepcopy(HEADERS)
     if keys:
         components["securitySchemes"] = copy.deepcopy(SECURITY)

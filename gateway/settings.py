@@ -156,6 +156,8 @@ class Settings(BaseSettings):
 
     # Request bounds. max_body_bytes defaults to the largest request the catalog allows.
     max_body_bytes: int | None = Field(None, ge=1)
+    # A JSON body that carries no images (generations), read whole before it is judged.
+    max_json_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_parts: int = Field(64, ge=2)
     max_field_bytes: int = Field(256 * 1024, ge=1)
     max_part_header_bytes: int = Field(4096, ge=64)

@@ -1,7 +1,9 @@
-"""POST /v1/images/edits, one request top to bottom: who is calling, read and judge the form,
-admit against the key, stream the upload to the upstream, relay its answer, settle, log.
+"""The image routes, one request top to bottom: who is calling, read and judge the body, admit
+against the key, send it upstream, relay the answer, settle, log. `ImageFlow.run` and `_serve`
+are those steps; an edit (`Edit`, multipart) and a generation (`Generation`, JSON) differ only
+in how they read and judge the body (`_read`).
 
-The body is judged as it arrives (gateway.images.form with gateway.images.rules). Once the
+An edit's body is judged as it arrives (gateway.images.form with gateway.images.rules). Once the
 model and prompt are known the request is admitted and the upstream request opens with a body
 that keeps reading the client; the upstream's closing boundary is written only after every
 check has passed, so a request found wrong mid-stream is cut off and never completed upstream.
@@ -22,8 +24,22 @@ from gateway import access, logs, metrics
 from gateway.admission import Admission, ImageRequest, Outcome, Principal, Ticket
 from gateway.asgi import Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog, ModelSpec
-from gateway.errors import GatewayError, RequestTimeout, RequestTooLarge, UpstreamError
-from gateway.images import EDITS_PATH, UPSTREAM_EDITS_PATH, rules
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    RequestTimeout,
+    RequestTooLarge,
+    UpstreamError,
+)
+from gateway.images import (
+    EDITS_PATH,
+    GENERATIONS,
+    GENERATIONS_PATH,
+    UPSTREAM_EDITS_PATH,
+    UPSTREAM_GENERATIONS_PATH,
+    jsonbody,
+    rules,
+)
 from gateway.images.capacity import Capacity, Slot
 from gateway.images.client import Client, ClientGone
 from gateway.images.form import EditForm, Events, Spool
@@ -37,44 +53,45 @@ from gateway.upstream import Upstreams
 log = logging.getLogger("gateway.edits")  # the name operators filter on
 
 
-class EditRoute:
-    """The ASGI app for POST /v1/images/edits; one instance serves every request."""
+class ImageRoute:
+    """The ASGI app of one image route; one instance serves every request."""
 
-    def __init__(self, settings: Settings, catalog: Catalog, upstreams: Upstreams,
-                 admission: Admission) -> None:
+    def __init__(self, flow: type[ImageFlow], settings: Settings, catalog: Catalog,
+                 upstreams: Upstreams, admission: Admission, capacity: Capacity) -> None:
+        self.flow = flow
         self.settings = settings
         self.catalog = catalog
         self.upstreams = upstreams
         self.admission = admission
         self.bounds = Bounds.of(catalog)
-        # Default: the largest request the catalog allows, plus room for text fields and framing.
-        self.max_body = settings.max_body_bytes or self.bounds.max_request_bytes + 1024 * 1024
-        self.capacity = Capacity(settings)
+        self.max_body = flow.max_body(settings, self.bounds)
+        self.capacity = capacity  # shared by the image routes: one instance's slots
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await Edit(self, scope, receive, send).run()
+        await self.flow(self, scope, receive, send).run()
 
 
-class Edit:
-    """One edit request, from its head to the access log line."""
+class ImageFlow:
+    """One image request, from its head to the access log line."""
 
-    __slots__ = ("client", "form", "headers", "principal", "rec", "route", "slot", "spool", "ticket",
+    __slots__ = ("client", "headers", "judged", "principal", "rec", "route", "slot", "ticket",
                  "traceparent", "uploaded")
+    path = ""  # the route's path (the metrics' endpoint label); upstream, under its base_url
+    upstream_path = ""
 
-    def __init__(self, route: EditRoute, scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, route: ImageRoute, scope: Scope, receive: Receive, send: Send) -> None:
         self.route = route
         self.headers = headers = headers_of(scope)
         rid = request_id(headers)
         self.client = Client(receive, send, route.settings, route.max_body, rid,
                              expects_continue=headers.get("expect", "").lower() == "100-continue")
-        self.rec = rec = metrics.RequestRecord(EDITS_PATH, time.perf_counter(), request_id=rid)
+        self.rec = rec = metrics.RequestRecord(self.path, time.perf_counter(), request_id=rid)
         rec.trace_id, self.traceparent = logs.trace_context(headers.get("traceparent"))
         peer = scope.get("client")
         rec.client = f"{peer[0]}:{peer[1]}" if peer else ""
         self.principal: Principal | None = None
         self.slot: Slot | None = None
-        self.spool: Spool | None = None
-        self.form: EditForm | None = None
+        self.judged: Judged | None = None  # once the body's fields are judged
         self.ticket: Ticket | None = None
         self.uploaded = False  # the upstream has the whole request body
 
@@ -127,7 +144,7 @@ class Edit:
                 # client's drain holds nothing).
                 self.slot.release()
                 metrics.IN_FLIGHT.dec()
-                self._release_spool()
+                self._release()
             if error is not None:
                 await self._refuse(error)
         finally:
@@ -140,40 +157,25 @@ class Edit:
         route, client = self.route, self.client
         principal = self.principal
         assert principal is not None
-        # 2. Read the form until its fields can be judged (files meanwhile wait in a spool).
+        # 2. Read the body until its fields can be judged.
         length = self.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > route.max_body:
             raise RequestTooLarge(f"Request body is larger than {route.max_body} bytes.")
-        boundary = boundary_of(self.headers.get("content-type"))
         client.arm_watchdog()
-        self.spool = Spool(route.settings, route.capacity, principal.key_id)
-        out = UpstreamForm()
-        form = self.form = EditForm(route.catalog, route.settings, route.bounds, boundary,
-                                    principal.models, self.spool, out)
-        live = await self._read_until_judged(form)
-        judged = form.judged or form.judge()
+        body, content_type = await self._read(principal)
+        judged = self.judged
         assert judged is not None
-        values: dict[str, str] | None = None
-        if live is not None and client.body_done.is_set():
-            # The rest of the body is already here (small requests arrive in one message):
-            # handle it now, so that nothing invalid in it opens the upstream.
-            form.feed(live)
-            live = None
-        if live is None:
-            values = form.finish()
-        prepared = out.detach()  # goes after the fields and spooled files
         # 3. Admit against the key (429 here spends nothing upstream).
-        client.pause()  # until the upstream asks for the body (see _upload)
+        client.pause()  # until the upstream asks for the body
         self.rec.n = rules.requested_n(judged.spec, judged.values)
         ticket = self.ticket = await route.admission.admit(principal, ImageRequest(
             self.rec.request_id, judged.spec, self.rec.n, rules.wants_stream(judged.values),
             judged.allowed_as))
-        # 4. Upload, relay the answer; 5. settle, whatever happened.
+        # 4. Send it upstream, relay the answer; 5. settle, whatever happened.
         outcome = Outcome(answered=False)
         try:
             await client.race_disconnect(
-                self._exchange(self._upload(judged, out, prepared, live, values), out, ticket,
-                               outcome),
+                self._exchange(body, content_type, ticket, outcome),
                 # Gone before the upstream had the whole request: hang up on it, the
                 # reservation is given back (an incomplete request is never served). Once it
                 # has it, the upstream does (and bills) the work: its answer is still read to
@@ -186,80 +188,32 @@ class Edit:
                 # Never let the bookkeeping hide how the request itself ended.
                 log.exception("request %s: admission finish failed", self.rec.request_id)
 
-    async def _read_until_judged(self, form: EditForm) -> Events | None:
-        """Read (spooling files) until the fields are judged at a file part; the events still
-        to handle, which stream live from there, or None if the body ended first."""
-        client = self.client
-        while not client.body_done.is_set():
-            live = form.spool_events(form.parse(*await client.read(clocked=True)))
-            if live is not None:
-                return live
-        form.parsed = True
-        return None
+    @staticmethod
+    def max_body(settings: Settings, bounds: Bounds) -> int:
+        """The largest body the route reads."""
+        raise NotImplementedError
 
-    async def _upload(self, judged: Judged, out: UpstreamForm, prepared: list[bytes],
-                      live: Events | None, values: dict[str, str] | None
-                      ) -> AsyncIterator[bytes]:
-        """The upstream body: the judged fields, the spooled files, then the client's parts as
-        they arrive (or as already handled). The time each write waits on the upstream
-        (backpressure) is kept off the client's body-read clocks."""
-        client, form = self.client, self.form
-        assert form is not None
-        client.resume()
-        early = ["model", "prompt", *judged.sent]
-        out.fields(judged.spec, early, judged.values)
-        for chunks in form.spooled():
-            client.pause()
-            yield out.take()
-            client.resume()
-            for chunk in chunks:
-                client.pause()
-                yield chunk
-                client.resume()
-            out.file_end()
-        self._release_spool()  # replayed: its bytes no longer count against the spool caps
-        out.attach(prepared)
-        while live is not None:
-            form.feed(live)
-            if form.n_changed:
-                await self._extend()
-            if client.body_done.is_set():
-                values = form.finish()
-                break
-            if chunk := out.take():
-                client.pause()
-                yield chunk
-                client.resume()
-            live = form.parse(*await client.read(clocked=False))
-        assert values is not None
-        out.fields(judged.spec, [n for n in values if n not in early], values)
-        out.close()
-        client.pause()
-        yield out.take()
-        client.resume()
-        self.uploaded = True
+    async def _read(self, principal: Principal) -> tuple[AsyncIterator[bytes], str]:
+        """Read and judge the body (setting `judged`); the upstream body and its content type."""
+        raise NotImplementedError
 
-    async def _extend(self) -> None:
-        """`n` came after the files began streaming: reserve the difference before the upstream
-        request can complete (QuotaExceeded cuts it off)."""
-        form = self.form
-        assert form is not None and form.judged is not None and self.ticket is not None
-        form.n_changed = False
-        n = rules.requested_n(form.judged.spec, form.judged.values)
-        if n > self.rec.n:
-            await self.ticket.extend(n - self.rec.n)
-            self.rec.n = n
+    def _release(self) -> None:
+        """Give back what the reading holds (spooled bytes)."""
 
-    async def _exchange(self, body: AsyncIterator[bytes], out: UpstreamForm, ticket: Ticket,
+    def _prompt(self) -> str | None:
+        return self.judged.values["prompt"] if self.judged is not None else None
+
+    # ------------------------------------------------------------------ shared by every route
+    async def _exchange(self, body: AsyncIterator[bytes], content_type: str, ticket: Ticket,
                         outcome: Outcome) -> None:
         """Send the request upstream with its body streaming, relay the answer."""
-        assert self.form is not None and self.form.judged is not None
-        rec, spec = self.rec, self.form.judged.spec
+        assert self.judged is not None
+        rec, spec = self.rec, self.judged.spec
         upstream = self.route.upstreams[spec.upstream]
         relayed = Relayed()
         start = time.perf_counter()
         try:
-            answer = await upstream.send(UPSTREAM_EDITS_PATH, body, out.content_type, rec.request_id,
+            answer = await upstream.send(self.upstream_path, body, content_type, rec.request_id,
                                          self.traceparent)
             try:
                 outcome.answered, outcome.status = True, answer.status
@@ -306,24 +260,19 @@ class Edit:
 
     def _common_headers(self, ticket: Ticket | None) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.rec.request_id.encode())]
-        judged = self.form.judged if self.form is not None else None
+        judged = self.judged
         if judged is not None and judged.requested:
             headers += alias_headers(self.route.catalog, judged.requested, judged.spec)
         if ticket is not None:
             headers += [(k.encode(), v.encode()) for k, v in ticket.headers.items()]
         return headers
 
-    # ------------------------------------------------------------------------------ the end
-    def _release_spool(self) -> None:
-        if self.spool is not None:
-            self.spool.release()
-
     def _close(self) -> None:
         """The request's metrics and its one log line; nothing of it is held after this."""
         client, rec, route = self.client, self.rec, self.route
         client.close()
-        self._release_spool()
-        judged = self.form.judged if self.form is not None else None
+        self._release()
+        judged = self.judged
         model = judged.spec.name if judged is not None else ""
         # Pass-through models are named by clients: one label for all, to bound cardinality.
         rec.model = model if not model or model in route.catalog.models else "passthrough"
@@ -332,10 +281,159 @@ class Edit:
         rec.bytes_in, rec.bytes_out = client.received, client.bytes_out
         rec.client_seconds, rec.end = client.waited, client.answered_at
         rec.status = client.status
-        prompt = self.form.prompt if self.form is not None and \
-            route.settings.log_prompts else None
+        prompt = self._prompt() if route.settings.log_prompts else None
         access.image_request(rec, model=model, prompt=prompt,
                              key_labels=route.settings.metrics_key_labels)
+
+
+class Edit(ImageFlow):
+    """POST /v1/images/edits: a multipart body, judged and streamed upstream as it arrives."""
+
+    __slots__ = ("form", "spool")
+    path = EDITS_PATH
+    upstream_path = UPSTREAM_EDITS_PATH
+
+    def __init__(self, route: ImageRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        super().__init__(route, scope, receive, send)
+        self.spool: Spool | None = None
+        self.form: EditForm | None = None
+
+    @staticmethod
+    def max_body(settings: Settings, bounds: Bounds) -> int:
+        # Default: the largest request the catalog allows, plus room for text fields and framing.
+        return settings.max_body_bytes or bounds.max_request_bytes + 1024 * 1024
+
+    async def _read(self, principal: Principal) -> tuple[AsyncIterator[bytes], str]:
+        route, client = self.route, self.client
+        boundary = boundary_of(self.headers.get("content-type"))
+        self.spool = Spool(route.settings, route.capacity, principal.key_id)
+        out = UpstreamForm()
+        form = self.form = EditForm(route.catalog, route.settings, route.bounds, boundary,
+                                    principal.models, self.spool, out)
+        live = await self._read_until_judged(form)
+        judged = self.judged = form.judged or form.judge()
+        assert judged is not None
+        values: dict[str, str] | None = None
+        if live is not None and client.body_done.is_set():
+            # The rest of the body is already here (small requests arrive in one message):
+            # handle it now, so that nothing invalid in it opens the upstream.
+            form.feed(live)
+            live = None
+        if live is None:
+            values = form.finish()
+        prepared = out.detach()  # goes after the fields and spooled files
+        return self._upload(judged, out, prepared, live, values), out.content_type
+
+    async def _read_until_judged(self, form: EditForm) -> Events | None:
+        """Read (spooling files) until the fields are judged at a file part; the events still
+        to handle, which stream live from there, or None if the body ended first."""
+        client = self.client
+        while not client.body_done.is_set():
+            live = form.spool_events(form.parse(*await client.read(clocked=True)))
+            if live is not None:
+                return live
+        form.parsed = True
+        return None
+
+    async def _upload(self, judged: Judged, out: UpstreamForm, prepared: list[bytes],
+                      live: Events | None, values: dict[str, str] | None
+                      ) -> AsyncIterator[bytes]:
+        """The upstream body: the judged fields, the spooled files, then the client's parts as
+        they arrive (or as already handled). The time each write waits on the upstream
+        (backpressure) is kept off the client's body-read clocks."""
+        client, form = self.client, self.form
+        assert form is not None
+        client.resume()
+        early = ["model", "prompt", *judged.sent]
+        out.fields(judged.spec, early, judged.values)
+        for chunks in form.spooled():
+            client.pause()
+            yield out.take()
+            client.resume()
+            for chunk in chunks:
+                client.pause()
+                yield chunk
+                client.resume()
+            out.file_end()
+        self._release()  # replayed: its bytes no longer count against the spool caps
+        out.attach(prepared)
+        while live is not None:
+            form.feed(live)
+            if form.n_changed:
+                await self._extend()
+            if client.body_done.is_set():
+                values = form.finish()
+                break
+            if chunk := out.take():
+                client.pause()
+                yield chunk
+                client.resume()
+            live = form.parse(*await client.read(clocked=False))
+        assert values is not None
+        out.fields(judged.spec, [n for n in values if n not in early], values)
+        out.close()
+        client.pause()
+        yield out.take()
+        client.resume()
+        self.uploaded = True
+
+    async def _extend(self) -> None:
+        """`n` came after the files began streaming: reserve the difference before the upstream
+        request can complete (QuotaExceeded cuts it off)."""
+        form = self.form
+        assert form is not None and form.judged is not None and self.ticket is not None
+        form.n_changed = False
+        n = rules.requested_n(form.judged.spec, form.judged.values)
+        if n > self.rec.n:
+            await self.ticket.extend(n - self.rec.n)
+            self.rec.n = n
+
+    def _release(self) -> None:
+        if self.spool is not None:
+            self.spool.release()
+
+    def _prompt(self) -> str | None:
+        return self.form.prompt if self.form is not None else None
+
+
+class Generation(ImageFlow):
+    """POST /v1/images/generations: a JSON body, read whole (it carries no images), judged by
+    the same rules as an edit's fields and sent upstream as JSON."""
+
+    __slots__ = ("prompt",)
+    path = GENERATIONS_PATH
+    upstream_path = UPSTREAM_GENERATIONS_PATH
+
+    def __init__(self, route: ImageRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        super().__init__(route, scope, receive, send)
+        self.prompt: str | None = None
+
+    @staticmethod
+    def max_body(settings: Settings, bounds: Bounds) -> int:
+        return settings.max_json_body_bytes
+
+    async def _read(self, principal: Principal) -> tuple[AsyncIterator[bytes], str]:
+        catalog = self.route.catalog
+        if not jsonbody.is_json(self.headers.get("content-type", "")):
+            raise InvalidRequest("Content-Type must be application/json.",
+                                 code="invalid_content_type")
+        body = await jsonbody.read(self.client)
+        fields = jsonbody.fields_of(body)
+        spec, requested, allowed_as = rules.judge_model(catalog, principal.models, fields)
+        self.prompt = rules.judge_prompt(spec, fields.get("prompt"))
+        judged = rules.judge_fields(catalog, spec, fields, route=GENERATIONS)
+        assert judged is not None
+        judged.requested, judged.allowed_as = requested, allowed_as
+        self.judged = judged
+        values = rules.final_values(judged)
+        return self._send(jsonbody.encode(spec, values, body)), "application/json"
+
+    async def _send(self, data: bytes) -> AsyncIterator[bytes]:
+        yield data
+        self.uploaded = True
+
+    def _prompt(self) -> str | None:
+        return self.prompt
 
 
 def alias_headers(catalog: Catalog, requested: str, spec: ModelSpec) -> list[tuple[bytes, bytes]]:

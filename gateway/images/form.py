@@ -165,16 +165,13 @@ class EditForm:
     def judge(self, *, final: bool = True) -> Judged | None:
         """Judge the text fields read so far against the model (and the images read so far);
         None if not `final` and their combination is not valid yet."""
-        model = self.fields.get("model")
-        name = self.catalog.default_model if model is None else model.strip()
-        allowed_as = rules.allowed_model(self.allowed_models, name, self.catalog.aliases.get(name))
-        spec = self.catalog.resolve(name)
+        spec, requested, allowed_as = rules.judge_model(self.catalog, self.allowed_models,
+                                                        self.fields)
         self.prompt = rules.judge_prompt(spec, self.fields.get("prompt"))
         judged = rules.judge_fields(self.catalog, spec, self.fields, final=final)
         if judged is None:
             return None
-        judged.allowed_as = allowed_as
-        judged.requested = name if name != spec.name else ""
+        judged.requested, judged.allowed_as = requested, allowed_as
         self.judged, self.fields = judged, {}
         for upload in self.uploads:
             if upload.info is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from gateway.catalog import Catalog, ModelSpec
 from gateway.errors import Forbidden, InvalidRequest
+from gateway.images import EDITS
 from gateway.sniff import ImageInfo
 
 IMAGE, MASK = "image", "mask"
@@ -71,15 +72,27 @@ def judge_prompt(spec: ModelSpec, prompt: str | None) -> str:
     return prompt
 
 
+def judge_model(catalog: Catalog, allowed_models: tuple[str, ...], fields: Mapping[str, str]
+                ) -> tuple[ModelSpec, str, str]:
+    """The spec that serves the request's `model` (the default when it names none); the alias
+    the client used ("" if none) and the name the key's list allows it under. A key's model list
+    is checked before the catalog is asked, so a key learns nothing about other models."""
+    model = fields.get("model")
+    name = catalog.default_model if model is None else model.strip()
+    allowed_as = allowed_model(allowed_models, name, catalog.aliases.get(name))
+    spec = catalog.resolve(name)
+    return spec, name if name != spec.name else "", allowed_as
+
+
 def judge_fields(catalog: Catalog, spec: ModelSpec, fields: Mapping[str, str], *,
-                 final: bool = True) -> Judged | None:
+                 final: bool = True, route: str = EDITS) -> Judged | None:
     """Every field as sent so far, for a model whose prompt is judged; None when not `final`
     and the fields' combination is not valid yet (a later field may still fix it)."""
     judged = Judged(spec, {"model": spec.upstream_model or spec.name,
                            "prompt": judge_prompt(spec, fields.get("prompt"))})
     for name, raw in fields.items():
         if name not in judged.values:
-            judged.values[name] = normalize(catalog, spec, name, raw)
+            judged.values[name] = normalize(catalog, spec, name, raw, route)
             judged.sent.append(name)
     try:
         spec.check_combination(with_defaults(spec, judged.values), judged.sent)
@@ -108,8 +121,12 @@ def final_values(judged: Judged, *, mask: bool = False) -> dict[str, str]:
     return values
 
 
-def normalize(catalog: Catalog, spec: ModelSpec, name: str, raw: str) -> str:
+def normalize(catalog: Catalog, spec: ModelSpec, name: str, raw: str, route: str = EDITS
+              ) -> str:
     rule = spec.fields.get(name)
+    if rule is not None and rule.only and route not in rule.only:
+        raise InvalidRequest(f"'{name}' is not supported on {route}.", param=name,
+                             code="unsupported_parameter")
     if rule is not None:
         return rule.normalize(name, raw)
     if spec.open_fields:

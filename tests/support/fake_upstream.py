@@ -49,6 +49,7 @@ class Recorded:
     paused_at: int = 0  # body bytes received when reading paused (Behaviour.read_pause_at)
     fields: list[tuple[str, str]] = field(default_factory=list)
     files: list[RecordedFile] = field(default_factory=list)
+    json: dict[str, Any] | None = None  # a JSON body (generations) as it arrived
 
     def field(self, name: str) -> str | None:
         values = [v for k, v in self.fields if k == name]
@@ -139,6 +140,9 @@ class FakeUpstream:
             self.records.append(record)
             self._counter += 1
             upstream_id = f"req_upstream_{self._counter}"
+        if scope["path"] == "/v1/images/generations":
+            await self._generation(record, request, upstream_id, scope, receive, send)
+            return
         if scope["path"] != "/v1/images/edits":
             await JSONResponse({"error": {"message": "not found"}}, 404)(scope, receive, send)
             return
@@ -178,6 +182,23 @@ class FakeUpstream:
                 return
             except TimeoutError:
                 pass
+        response = await self._answer(record, upstream_id)
+        await response(scope, receive, send)
+
+    async def _generation(self, record: Recorded, request: Request, upstream_id: str,
+                          scope: Any, receive: Any, send: Any) -> None:
+        """A generation: a JSON body, recorded as it came and as fields (values written out as
+        a form would carry them), answered like an edit with image_generation.* events."""
+        try:
+            record.json = json.loads(await request.body())
+        except Exception:
+            record.aborted = True
+            return
+        assert isinstance(record.json, dict)
+        for name, value in record.json.items():
+            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+            record.fields.append((name, text))
+        record.completed = True
         response = await self._answer(record, upstream_id)
         await response(scope, receive, send)
 
@@ -236,10 +257,12 @@ class FakeUpstream:
     async def _events(self, record: Recorded, n: int) -> Any:
         b = self.behaviour
         partials = int(record.field("partial_images") or 0)
+        prefix = "image_generation" if record.json is not None else "image_edit"
         sent = 0
         for _image in range(n):
-            events = [("image_edit.partial_image", {"partial_image_index": i}) for i in range(partials)]
-            events.append(("image_edit.completed", {"usage": b.usage}))
+            events = [(f"{prefix}.partial_image", {"partial_image_index": i})
+                      for i in range(partials)]
+            events.append((f"{prefix}.completed", {"usage": b.usage}))
             for kind, extra in events:
                 if b.cut_after_events is not None and sent >= b.cut_after_events:
                     raise ConnectionResetError("fake upstream cuts the stream")
