@@ -14,6 +14,8 @@ from gateway import __version__, access, lifecycle, logs, loopwatch, metrics, op
 from gateway.admission import Admission, QuotaAdmission
 from gateway.asgi import Message, Receive, Scope, Send, headers_of, request_id
 from gateway.catalog import Catalog
+from gateway.demo import PREFIX as DEMO_PREFIX
+from gateway.demo import DemoProvider
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.images import EDITS_PATH, GENERATIONS_PATH
 from gateway.images.capacity import Capacity
@@ -32,10 +34,12 @@ class Gateway:
     per-request middleware (measurable on the hot path); everything else, lifespan included,
     goes to the FastAPI app."""
 
-    def __init__(self, api: FastAPI, edits: ImageRoute, generations: ImageRoute) -> None:
+    def __init__(self, api: FastAPI, edits: ImageRoute, generations: ImageRoute,
+                 demo: DemoProvider | None = None) -> None:
         self.api = api
         self.edits = edits
         self.generations = generations
+        self.demo = demo
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,6 +52,8 @@ class Gateway:
             await self.edits(scope, receive, send)
         elif scope["path"] == GENERATIONS_PATH and scope["method"] == "POST":
             await self.generations(scope, receive, send)
+        elif self.demo is not None and scope["path"].startswith(DEMO_PREFIX + "/"):
+            await self.demo(scope, receive, send)
         else:
             await self._api(scope, receive, send)
 
@@ -132,7 +138,12 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     app.router.routes.append(Route(GENERATIONS_PATH, generations, methods=["POST"]))
     install_error_handlers(app)
     openapi.install(app, catalog, keys=admission.store is not None)
-    return Gateway(app, edits, generations)
+    demo = None
+    if settings.demo:
+        log.warning("DEMO MODE: every image comes from the built-in stand-in provider "
+                    "(gateway/demo.py), not from a model; nothing is sent to any provider")
+        demo = DemoProvider()
+    return Gateway(app, edits, generations, demo)
 
 
 def _admission(settings: Settings) -> Admission:

@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (GATEWAY_PORT, default 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (GATEWAY_WORKERS, default 1)")
     serve.add_argument("--config", help="TOML config file (GATEWAY_CONFIG)")
+    serve.add_argument("--demo", action="store_true", default=None,
+                       help="answer from a built-in stand-in provider: try everything without a "
+                            "provider key (GATEWAY_DEMO)")
     args = parser.parse_args(argv)
     try:
         return _serve(args)
@@ -41,7 +44,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.config:
         # Workers are separate processes that load settings themselves, from the environment.
         os.environ["GATEWAY_CONFIG"] = args.config
-    overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k)) is not None}
+    overrides = {k: v for k in ("host", "port", "workers", "demo")
+                 if (v := getattr(args, k)) is not None}
     for key, value in overrides.items():
         os.environ[f"GATEWAY_{key.upper()}"] = str(value)
     settings = load_settings()

@@ -147,6 +147,8 @@ class Settings(BaseSettings):
     # Catalog: the shipped one, replaced by `catalog_file` and amended by `[models.NAME]` tables.
     catalog_file: Path | None = None
     models: dict[str, dict[str, Any]] = {}
+    # `gateway serve --demo`: every upstream is the built-in stand-in provider (gateway/demo.py).
+    demo: bool = False
     # A name clients send -> the catalog model that serves it (judged by its rules, sent upstream
     # by its name): keeps clients of a shut-down model working, e.g. gpt-image-1 -> gpt-image-2.
     aliases: dict[str, str] = {}

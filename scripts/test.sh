@@ -9,6 +9,7 @@ missing=()
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v prometheus >/dev/null || missing+=(prometheus)  # also ships promtool
 command -v nginx >/dev/null || missing+=(nginx)
+python3 -c "import ensurepip, venv" 2>/dev/null || missing+=(python3-venv)  # Debian splits it out
 if ((${#missing[@]})); then
   apt-get update
   apt-get install -y "${missing[@]}"

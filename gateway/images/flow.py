@@ -260,6 +260,8 @@ class ImageFlow:
 
     def _common_headers(self, ticket: Ticket | None) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.rec.request_id.encode())]
+        if self.route.settings.demo:
+            headers.append((b"x-gateway-demo", b"true"))
         judged = self.judged
         if judged is not None and judged.requested:
             headers += alias_headers(self.route.catalog, judged.requested, judged.spec)

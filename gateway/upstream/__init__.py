@@ -18,6 +18,7 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 import httpx
 
 from gateway import __version__
+from gateway.demo import PREFIX as DEMO_PREFIX
 from gateway.errors import (
     GatewayError,
     SettingsError,
@@ -127,12 +128,16 @@ def http_client(transport: AiohttpTransport, timeout: httpx.Timeout,
 
 
 def resolve(settings: Settings) -> dict[str, tuple[UpstreamSettings, str | None]]:
-    """Every upstream with its key; SettingsError when a key's environment variable is unset."""
+    """Every upstream with its key; SettingsError when a key's environment variable is unset.
+    In demo mode every upstream is the built-in stand-in on the gateway's own port."""
     configs = {
         "default": UpstreamSettings(
             base_url=settings.upstream_base_url, api_key=settings.upstream_api_key),
         **settings.upstreams,
     }
+    if settings.demo:
+        demo = UpstreamSettings(base_url=f"http://127.0.0.1:{settings.port}{DEMO_PREFIX}/v1")
+        return {name: (demo, "demo") for name in configs}
     return {name: (cfg, _api_key(name, cfg)) for name, cfg in configs.items()}
 
 
