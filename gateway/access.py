@@ -34,7 +34,10 @@ def image_request(rec: RequestRecord, *, model: str, prompt: str | None, key_lab
         "status": rec.status or 499, "bytes_in": rec.bytes_in, "bytes_out": rec.bytes_out,
         "upstream_ms": round(rec.upstream_seconds * 1000, 3),
         "total_ms": round(total * 1000, 3), "rejection": rec.rejection,
-        "upstream_error": rec.upstream_error, "images": rec.images}
+        "upstream_error": rec.upstream_error, "images": rec.images,
+        "input_tokens": rec.usage.get("input_tokens", 0),
+        "output_tokens": rec.usage.get("output_tokens", 0),
+        "svg_tokens": rec.usage.get("svg_total_tokens", 0)}
     if prompt is not None:
         fields["prompt"] = prompt
     logs.access(fields)

@@ -65,8 +65,11 @@ STORE_UP = Gauge("gateway_quota_store_up", "1 when the quota store answered its 
 
 REJECTION_REASONS = {400: "validation", 401: "auth", 403: "auth", 404: "validation",
                      405: "validation", 408: "timeout", 413: "too_large", 503: "unavailable"}
+# Token counts of an answer's usage (gateway.usage) -> the `type` label; svg: the SVG author's.
 _TOKEN_TYPES = {"input_tokens": "input", "output_tokens": "output",
-                "input_text_tokens": "input_text", "input_image_tokens": "input_image"}
+                "input_text_tokens": "input_text", "input_image_tokens": "input_image",
+                "output_text_tokens": "output_text", "output_image_tokens": "output_image",
+                "svg_total_tokens": "svg"}
 
 
 @dataclass(slots=True)

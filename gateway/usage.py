@@ -36,17 +36,31 @@ _KEY, _TYPE = 1, 2  # what a kept string is
 _FIELD, _DATA, _EVENT, _IGNORE = range(4)  # where an SSE line is: its name, or a field's value
 
 
-def _flatten(usage: object) -> dict[str, int]:
-    """A `usage` object as the flat token counts the quotas charge (bools are no counts)."""
+def _flatten(usage: object, prefix: str = "") -> dict[str, int]:
+    """A `usage` object as flat token counts (bools are no counts): its own counts, and the
+    input and output details' text and image tokens (`input_text_tokens`, ...). An SVG's usage
+    (`svg_usage`, the tokens of the model that wrote the SVG) comes prefixed `svg_`."""
     if not isinstance(usage, dict):
         return {}
-    out = {k: v for k, v in usage.items() if type(v) is int}
-    details = usage.get("input_tokens_details")
-    if isinstance(details, dict):
-        for k in ("text_tokens", "image_tokens"):
-            if type(details.get(k)) is int:
-                out[f"input_{k}"] = details[k]
+    out = {prefix + k: v for k, v in usage.items() if type(v) is int}
+    for side in ("input", "output"):
+        details = usage.get(f"{side}_tokens_details")
+        if isinstance(details, dict):
+            for k in ("text_tokens", "image_tokens"):
+                if type(details.get(k)) is int:
+                    out[f"{prefix}{side}_{k}"] = details[k]
     return out
+
+
+def charged_tokens(usage: dict[str, int]) -> int:
+    """The tokens a key's tokens_per_month counts: what the operator pays for, the image model's
+    tokens and the SVG author's."""
+    return usage.get("total_tokens", 0) + usage.get("svg_total_tokens", 0)
+
+
+def _add(into: dict[str, int], counts: dict[str, int]) -> None:
+    for key, value in counts.items():
+        into[key] = into.get(key, 0) + value
 
 
 def _decode(raw: bytearray | None) -> str | None:
@@ -62,13 +76,15 @@ def _decode(raw: bytearray | None) -> str | None:
 class _JsonScan:
     """An incremental scan of one JSON value, fed in pieces cut anywhere.
 
-    Counts the elements of the top-level object's "data" array and keeps its "usage" object and
-    "type" string; nothing nested deeper is looked at, only stepped over. A repeated key counts
-    once, its last value, as json.loads would. Malformed input never raises: what was found counts.
+    Counts the elements of the top-level object's "data" array and keeps its "usage" and
+    "svg_usage" objects and "type" string; nothing nested deeper is looked at, only stepped
+    over. A repeated key counts once, its last value, as json.loads would. Malformed input never
+    raises: what was found counts.
     """
 
-    __slots__ = ("_capture", "_done", "_escape", "_purpose", "_string", "_text", "depth", "in_data",
-                 "items", "key", "top_object", "type", "usage", "value_of", "want_item", "want_key")
+    __slots__ = ("_capture", "_capturing", "_done", "_escape", "_purpose", "_string", "_text",
+                 "depth", "in_data", "items", "key", "svg", "top_object", "type", "usage",
+                 "value_of", "want_item", "want_key")
 
     def __init__(self) -> None:
         self.depth = 0
@@ -80,12 +96,14 @@ class _JsonScan:
         self.want_item = False  # the next value in it is a new element
         self.items = 0
         self.usage: dict[str, int] | None = None
+        self.svg: dict[str, int] | None = None  # svg_usage, its counts prefixed svg_
         self.type: str | None = None
         self._string = False
         self._escape = False  # a piece ended in a backslash: the next byte is escaped
         self._purpose = 0  # what the current string is kept for: _KEY, _TYPE, or nothing
         self._text: bytearray | None = None
         self._capture: bytearray | None = None  # the "usage" object's bytes so far
+        self._capturing = ""  # ... or the "svg_usage" object's
         self._done = False  # the top-level value has ended
 
     def feed(self, buf: bytes, i: int, n: int) -> None:
@@ -123,8 +141,9 @@ class _JsonScan:
                     if self.value_of == "data" and t == _LBRACKET:
                         self.in_data = self.want_item = True
                         self.items = 0
-                    elif self.value_of == "usage" and t == _LBRACE:
+                    elif self.value_of in ("usage", "svg_usage") and t == _LBRACE:
                         self._capture, cap = bytearray(), at
+                        self._capturing = self.value_of
                     self.value_of = None
                 elif depth == 2 and self.want_item:
                     self.items += 1
@@ -139,7 +158,10 @@ class _JsonScan:
                     if self._keep(buf, cap, i) and self._capture is not None:
                         value, self._capture = self._capture, None
                         with contextlib.suppress(ValueError, RecursionError):  # malformed: unread
-                            self.usage = _flatten(json.loads(value))
+                            if self._capturing == "usage":
+                                self.usage = _flatten(json.loads(value))
+                            else:
+                                self.svg = _flatten(json.loads(value), "svg_")
                 elif depth == 0:
                     self._done = True
             elif t == _COMMA:
@@ -245,7 +267,8 @@ class UsageMeter:
     def _scan(self, chunk: bytes) -> None:
         assert self._json is not None
         self._json.feed(chunk, 0, len(chunk))
-        self.images, self.usage = self._json.items, self._json.usage or {}
+        self.images, self.usage = self._json.items, {**(self._json.usage or {}),
+                                                     **(self._json.svg or {})}
 
     def close(self) -> None:
         """Call at the end of the answer. An event the stream did not end with a blank line is
@@ -262,7 +285,7 @@ class UsageMeter:
             return
         data = doc.get("data")
         self.images = len(data) if isinstance(data, list) else 0
-        self.usage = _flatten(doc.get("usage"))
+        self.usage = _flatten(doc.get("usage")) | _flatten(doc.get("svg_usage"), "svg_")
 
     # ------------------------------------------------------------------------- SSE
     def _feed_events(self, chunk: bytes) -> None:
@@ -351,5 +374,5 @@ class UsageMeter:
         kind = name.decode(errors="replace") if name else data.type
         if kind in COMPLETED:
             self.images += 1
-            for key, value in (data.usage or {}).items():
-                self.usage[key] = self.usage.get(key, 0) + value
+            _add(self.usage, data.usage or {})
+            _add(self.usage, data.svg or {})

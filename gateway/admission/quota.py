@@ -35,6 +35,7 @@ from gateway.quota.base import (
     Usage,
 )
 from gateway.tasks import background
+from gateway.usage import charged_tokens
 
 log = logging.getLogger("gateway.admission")
 
@@ -84,7 +85,7 @@ class QuotaTicket(Ticket):
         answered = outcome.answered and outcome.status is not None and outcome.status < 300
         # The answer's own count when the gateway could read one, else what was reserved.
         images = (self.n if outcome.images is None else outcome.images) if answered else 0
-        tokens = outcome.usage.get("total_tokens", 0) if answered else 0
+        tokens = charged_tokens(outcome.usage) if answered else 0
         try:
             await self.admission.store.settle(self.key_id, self.lease, answered=answered,
                                               images=images, tokens=tokens)

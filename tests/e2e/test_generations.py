@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.e2e.test_catalog_current import SHIPPED
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import SVG_USAGE, FakeUpstream
 from tests.support.helpers import make_key, scrape, usage_of, value
 
 
@@ -97,3 +97,17 @@ def test_generations_spend_the_same_quota_and_show_in_the_metrics(
                  status="200") == 1
     assert value(samples, "gateway_requests_total", endpoint="/v1/images/generations",
                  status="429") == 1
+
+
+def test_svg_tokens_are_charged_and_counted_apart(keyed: Callable[..., GatewayProcess],
+                                                  redis_url: str, upstream: FakeUpstream) -> None:
+    gw = keyed(**SHIPPED)
+    _, secret = make_key(redis_url, tokens_per_month=100_000)
+    client = openai.OpenAI(base_url=f"{gw.url}/v1", api_key=secret, max_retries=0)
+    client.images.generate(model="gpt-image-2.6-flare", prompt="a logo",
+                           extra_body={"output_format": "svg"})
+    # The image model's 250 tokens and the SVG author's 930: what the operator pays for.
+    assert usage_of(gw.url, secret)["limits"]["tokens"]["used"] == 250 + SVG_USAGE["total_tokens"]
+    samples = scrape(f"{gw.url}/metrics")
+    assert value(samples, "gateway_tokens_total", type="svg") == SVG_USAGE["total_tokens"]
+    assert value(samples, "gateway_tokens_total", type="input") == 50

@@ -27,6 +27,10 @@ from tests.support.images import png
 IMAGE_B64 = base64.b64encode(png(8, 8)).decode()
 
 
+SVG_USAGE = {"input_tokens": 30, "model": "gpt-5.5", "output_tokens": 900, "reasoning_tokens": 400,
+             "total_tokens": 930}
+
+
 @dataclass
 class RecordedFile:
     name: str
@@ -220,6 +224,8 @@ class FakeUpstream:
         if record.field("model") != "dall-e-2":
             answer.update(background="opaque", output_format=record.field("output_format") or "png",
                           size="1024x1024", quality="low", usage=b.usage)
+            if record.field("output_format") == "svg":  # the SVG author's tokens, as OpenAI adds them
+                answer["svg_usage"] = SVG_USAGE
         raw = json.dumps(answer).encode()
         if b.cut_json:
             return StreamingResponse(_cut(raw), media_type="application/json", headers=headers)

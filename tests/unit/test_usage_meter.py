@@ -362,3 +362,30 @@ def test_an_event_longer_than_the_limit_is_refused() -> None:
     assert framer.feed(b"data: " + b"a" * 90) == b""
     with pytest.raises(UpstreamResponseTooLarge):
         framer.feed(b"a" * 20)
+
+
+# ------------------------------------------------------------------ today's usage shapes
+SVG = {"input_tokens": 30, "model": "gpt-5.5", "output_tokens": 900, "reasoning_tokens": 400,
+       "total_tokens": 930}
+NEW_USAGE = {**USAGE, "output_tokens_details": {"text_tokens": 8, "image_tokens": 192}}
+
+
+@pytest.mark.parametrize("pad", [10, 200_000])  # read whole, and scanned as it streams
+def test_output_details_and_svg_usage_are_read(pad: int) -> None:
+    answer = json.dumps({"created": 1, "data": [{"b64_json": "A" * pad, "generation_id": "g1"}],
+                         "usage": NEW_USAGE, "svg_usage": SVG}).encode()
+    for chunks in ([answer], cut(answer, [7, 60, len(answer) // 2, len(answer) - 20])):
+        meter = meter_of(chunks)
+        assert meter.images == 1
+        assert meter.usage == {**FLAT, "output_text_tokens": 8, "output_image_tokens": 192,
+                               "svg_input_tokens": 30, "svg_output_tokens": 900,
+                               "svg_reasoning_tokens": 400, "svg_total_tokens": 930}
+        assert usage.charged_tokens(meter.usage) == 250 + 930
+
+
+def test_svg_usage_in_completed_events_adds_up() -> None:
+    events = sse(("image_generation.completed", {"usage": {"total_tokens": 100},
+                                                 "svg_usage": SVG}),
+                 ("image_generation.completed", {"usage": {"total_tokens": 50}}))
+    meter = meter_of(bytewise(events), sse=True)
+    assert (meter.images, usage.charged_tokens(meter.usage)) == (2, 100 + 50 + 930)
