@@ -108,6 +108,10 @@ def create_app(settings: Settings | None = None, admission: Admission | None = N
     logs.configure(settings.log_level, settings.log_format)
     protocol.configure(settings)  # here, not in serve(): this runs in every worker process
     catalog = Catalog.from_settings(settings)
+    for role, spec in catalog.retiring():
+        log.warning("%s: model '%s' shuts down on %s (its replacement: %s); requests for it will "
+                    "be refused from that day and the gateway will not start with this setting",
+                    role, spec.name, spec.shutdown_date, spec.replacement)
     upstreams = Upstreams(settings)
     if admission is None:
         admission = _admission(settings)

@@ -63,8 +63,11 @@ class FieldRule(BaseModel):
     forbids: tuple[str, ...] = ()
     when: tuple[str, ...] = ()
     rules: tuple[CrossRule, ...] = ()
-    # An int rule (a frame count): its value times the pixels of `size` (when WxH) at most this.
+    # An int rule (a frame count): its value times the pixels of `size` (when WxH) at most this,
+    # whenever its `requires` hold (a GIF), with `budget_count` (the provider's default) when the
+    # client did not send it.
     pixel_budget: int | None = Field(None, ge=1)
+    budget_count: int | None = Field(None, ge=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -195,6 +198,7 @@ class ModelSpec(BaseModel):
     def check_combination(self, values: Mapping[str, str], sent: Iterable[str]) -> None:
         """Cross-field rules (`requires`, `forbids`, `pixel_budget`) for the fields the client
         sent. `values` holds the defaults too, and "mask" when a mask file was sent."""
+        sent = list(sent)
         for name in sent:
             rule = self.fields.get(name)
             if rule is None:
@@ -213,12 +217,19 @@ class ModelSpec(BaseModel):
                         raise InvalidRequest(
                             f"'{name}={values[name]}' cannot be combined with '{other}'.",
                             param=name)
-            if rule.pixel_budget and (m := _SIZE.fullmatch(values.get("size", ""))):
-                pixels = int(values[name]) * int(m[1]) * int(m[2])
-                if pixels > rule.pixel_budget:
-                    raise InvalidRequest(
-                        f"'{name}={values[name]}' frames of {m[0]} are {pixels} pixels; at most "
-                        f"{rule.pixel_budget} together.", param=name)
+        for name, rule in self.fields.items():
+            if rule.pixel_budget is None or any(
+                    values.get(other) not in allowed for other, allowed in rule.requires.items()):
+                continue  # no budget here, or it does not apply (not a GIF)
+            count = values.get(name) or (str(rule.budget_count) if rule.budget_count else "")
+            m = _SIZE.fullmatch(values.get("size", ""))
+            if not count or m is None:
+                continue  # size auto: the provider sizes the frames to fit
+            pixels = int(count) * int(m[1]) * int(m[2])
+            if pixels > rule.pixel_budget:
+                raise InvalidRequest(
+                    f"{count} frames of {m[0]} are {pixels} pixels; at most {rule.pixel_budget} "
+                    "together.", param=name if name in sent else "size")
 
 
 def _today() -> dt.date:
@@ -252,6 +263,14 @@ class Catalog:
         """No model could take this field (so it can be refused before the model is known)."""
         return self._fields_closed and name not in self.known_fields and \
             name not in ("model", "prompt")
+
+    def retiring(self) -> list[tuple[str, ModelSpec]]:
+        """(role, model) for the default model and alias targets with a shutdown date ahead:
+        on that day they stop answering, and a restart fails until the config changes."""
+        roles = [("default_model", self.aliases.get(self.default_model, self.default_model)),
+                 *((f"aliases.{alias}", target) for alias, target in self.aliases.items())]
+        return [(role, spec) for role, name in roles
+                if (spec := self.models.get(name)) is not None and spec.shutdown_date]
 
     def served(self) -> list[ModelSpec]:
         """The models a request may name today."""
@@ -323,11 +342,15 @@ class Catalog:
                       aliases=settings.aliases)
         served = {m.name for m in catalog.served()}
         for alias, target in settings.aliases.items():
+            if target in settings.aliases:
+                raise SettingsError(f"invalid setting aliases.{alias}: '{target}' is itself an "
+                                    "alias; name the model that serves it")
             if target not in served:
                 raise SettingsError(f"invalid setting aliases.{alias}: '{target}' is not a model "
                                     "the catalog serves today")
         for spec in catalog.models.values():
-            if spec.replacement is not None and spec.replacement not in catalog.models:
+            if spec.replacement is not None and spec.replacement not in catalog.models and \
+                    spec.replacement not in catalog.disabled:
                 raise SettingsError(f"catalog model '{spec.name}': replacement "
                                     f"'{spec.replacement}' is not a model of the catalog")
         default = catalog.aliases.get(settings.default_model, settings.default_model)

@@ -6,13 +6,17 @@ It reads the request as a provider would (multipart edits, JSON generations) and
 shape the SDKs expect: JSON with `n` real PNG images (a small gradient) and a usage block, or
 with stream=true the `image_edit.*` / `image_generation.*` events, partial images included.
 It is loudly a demo: a warning at start-up, `x-gateway-demo: true` on every image answer, and
-each image's `revised_prompt` says so.
+each image's `revised_prompt` says so. Only the gateway itself may call it: a request without
+the server's own random token is 404; bodies and counts are bounded.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import json
+import os
+import secrets
 import struct
 import time
 import zlib
@@ -23,7 +27,11 @@ from gateway.errors import InvalidRequest
 from gateway.multipart import PART_DATA, PART_START, MultipartReader, Part, boundary_of
 
 PREFIX = "/_demo"
+# The gateway's upstream client sends it as its API key. Set once in the process that starts the
+# server (the CLI imports this module before uvicorn starts), so its workers inherit the same one.
+TOKEN = os.environ.setdefault("IMAGE_GATEWAY_DEMO_TOKEN", secrets.token_hex(16))
 _SIDE = 256
+_MAX_BODY = 64 * 1024 * 1024  # the demo reads what the gateway forwards, never more
 _MARK = "[demo: made by image-gateway's built-in stand-in, not by a model]"
 
 
@@ -49,34 +57,37 @@ class DemoProvider:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope["path"].removeprefix(PREFIX)
+        headers = headers_of(scope)
+        if not hmac.compare_digest(headers.get("authorization", ""), f"Bearer {TOKEN}") or \
+                path not in ("/v1/images/generations", "/v1/images/edits"):
+            await _error(send, 404, "not found")
+            return
         body = bytearray()
         while True:
             message = await receive()
             body += message.get("body", b"")
+            if len(body) > _MAX_BODY:
+                await _error(send, 413, "too large for the demo")
+                return
             if not message.get("more_body", False):
                 break
         try:
             if path == "/v1/images/generations":
-                fields = {k: v for k, v in json.loads(body).items()}
+                fields = json.loads(body)
                 kind = "image_generation"
-            elif path == "/v1/images/edits":
-                fields = _form_fields(bytes(body), headers_of(scope).get("content-type"))
-                kind = "image_edit"
             else:
-                await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error",
-                                                  "param": None, "code": None}})
-                return
-        except (ValueError, InvalidRequest):
-            await _json(send, 400, {"error": {"message": "unreadable request",
-                                              "type": "invalid_request_error", "param": None,
-                                              "code": None}})
+                fields = _form_fields(bytes(body), headers.get("content-type"))
+                kind = "image_edit"
+            n = min(max(int(fields.get("n") or 1), 1), 10)
+            partials = min(max(int(fields.get("partial_images") or 0), 0), 3)
+        except (ValueError, TypeError, AttributeError, RecursionError, InvalidRequest):
+            await _error(send, 400, "unreadable request")
             return
-        n = int(fields.get("n") or 1)
         usage = _usage(str(fields.get("prompt", "")), n, images=body.count(b"filename="))
         shape = {"background": "opaque", "output_format": str(fields.get("output_format", "png")),
                  "size": f"{_SIDE}x{_SIDE}", "quality": str(fields.get("quality", "auto"))}
         if str(fields.get("stream", "")).lower() == "true":
-            await _events(send, kind, n, int(fields.get("partial_images") or 0), shape, usage)
+            await _events(send, kind, n, partials, shape, usage)
             return
         await _json(send, 200, {
             "created": int(time.time()),
@@ -106,6 +117,11 @@ def _usage(prompt: str, n: int, images: int) -> dict[str, Any]:
             "input_tokens_details": {"text_tokens": text, "image_tokens": image}}
 
 
+async def _error(send: Send, status: int, message: str) -> None:
+    await _json(send, status, {"error": {"message": message, "type": "invalid_request_error",
+                                         "param": None, "code": None}})
+
+
 async def _json(send: Send, status: int, answer: dict[str, Any]) -> None:
     body = json.dumps(answer).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
@@ -123,7 +139,7 @@ async def _events(send: Send, kind: str, n: int, partials: int, shape: dict[str,
         events.append((f"{kind}.completed", {"usage": usage}))
         for name, extra in events:
             data = {"type": name, "b64_json": IMAGE_B64, "created_at": int(time.time()),
-                    **shape, **extra}
+                    "revised_prompt": _MARK, **shape, **extra}
             await send({"type": "http.response.body", "more_body": True,
                         "body": f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()})
     await send({"type": "http.response.body", "body": b""})

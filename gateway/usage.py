@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 COMPLETED = frozenset({"image_edit.completed", "image_generation.completed"})
 _SMALL = 256  # a key, type or event name longer than this is none the meter looks for
 _USAGE_LIMIT = 64 * 1024  # a `usage` object larger than this is not read
+_MAX_COUNT = 2**53  # exact as a double, as quota.lua counts
 # A JSON answer no longer than this (the usual one: images as URLs, or small ones) is kept and
 # read whole by json.loads at its end, in C; a longer one is scanned as it streams.
 _WHOLE = 64 * 1024
@@ -42,14 +43,24 @@ def _flatten(usage: object, prefix: str = "") -> dict[str, int]:
     (`svg_usage`, the tokens of the model that wrote the SVG) comes prefixed `svg_`."""
     if not isinstance(usage, dict):
         return {}
-    out = {prefix + k: v for k, v in usage.items() if type(v) is int}
+    out = {prefix + k: n for k, v in usage.items() if (n := _count(v)) is not None}
     for side in ("input", "output"):
         details = usage.get(f"{side}_tokens_details")
         if isinstance(details, dict):
             for k in ("text_tokens", "image_tokens"):
-                if type(details.get(k)) is int:
-                    out[f"{prefix}{side}_{k}"] = details[k]
+                if (n := _count(details.get(k))) is not None:
+                    out[f"{prefix}{side}_{k}"] = n
     return out
+
+
+def _count(value: object) -> int | None:
+    """A token count as the quotas take it: a whole number (1500.0 too), never negative (no
+    answer refunds a budget) and within what the store keeps exactly (2**53)."""
+    if type(value) is float and value.is_integer():
+        value = int(value)
+    if type(value) is not int:
+        return None
+    return min(max(value, 0), _MAX_COUNT)
 
 
 def charged_tokens(usage: dict[str, int]) -> int:

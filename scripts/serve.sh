@@ -11,6 +11,12 @@ if ! python3 -c "import ensurepip, venv" 2>/dev/null; then
   apt-get install -y python3-venv
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet --constraint constraints.txt -e .
+# Installed once (editable: code changes need no reinstall), again when the dependencies change:
+# a restart never needs the network.
+if [ ! -x .venv/bin/gateway ] || [ pyproject.toml -nt .venv/.installed ] || \
+    [ constraints.txt -nt .venv/.installed ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet --constraint constraints.txt -e .
+  touch .venv/.installed
+fi
 exec .venv/bin/gateway serve "$@"

@@ -5,6 +5,7 @@ the plain values the rules judge, and written back for the upstream with each fi
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ async def read(client: Client) -> dict[str, Any]:
         chunks.append(chunk)
     try:
         body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: absurd nesting
         raise InvalidRequest("We could not parse the JSON body of your request.",
                              code="invalid_json") from None
     if not isinstance(body, dict):
@@ -47,7 +48,7 @@ def fields_of(body: Mapping[str, Any]) -> dict[str, str]:
             fields[name] = "true" if value else "false"
         elif isinstance(value, str):
             fields[name] = value
-        elif isinstance(value, int | float):
+        elif isinstance(value, int | float) and math.isfinite(value):
             fields[name] = json.dumps(value)
         else:
             raise InvalidRequest(f"Invalid type for '{name}': expected a string, a number or a "
@@ -72,4 +73,5 @@ def encode(spec: ModelSpec, values: Mapping[str, str], body: Mapping[str, Any]) 
             out[name] = value == "true"
         else:
             out[name] = value
-    return json.dumps(out, ensure_ascii=False).encode()
+    # ASCII: a lone surrogate the client escaped stays an escape (valid JSON), never an error.
+    return json.dumps(out).encode()

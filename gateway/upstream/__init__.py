@@ -19,6 +19,7 @@ import httpx
 
 from gateway import __version__
 from gateway.demo import PREFIX as DEMO_PREFIX
+from gateway.demo import TOKEN as DEMO_TOKEN
 from gateway.errors import (
     GatewayError,
     SettingsError,
@@ -136,8 +137,10 @@ def resolve(settings: Settings) -> dict[str, tuple[UpstreamSettings, str | None]
         **settings.upstreams,
     }
     if settings.demo:
-        demo = UpstreamSettings(base_url=f"http://127.0.0.1:{settings.port}{DEMO_PREFIX}/v1")
-        return {name: (demo, "demo") for name in configs}
+        host = settings.host if settings.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host else host
+        demo = UpstreamSettings(base_url=f"http://{host}:{settings.port}{DEMO_PREFIX}/v1")
+        return {name: (demo, DEMO_TOKEN) for name in configs}
     return {name: (cfg, _api_key(name, cfg)) for name, cfg in configs.items()}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable
 
+import httpx
 import openai
 import pytest
 
@@ -45,3 +46,14 @@ def test_the_demo_keeps_the_gateways_rules(start_gateway: Callable[..., GatewayP
     with pytest.raises(openai.NotFoundError) as caught:
         gw.client().images.generate(model="gpt-image-1", prompt="x")
     assert caught.value.code == "model_not_found"
+
+
+def test_only_the_gateway_may_call_the_stand_in(start_gateway: Callable[..., GatewayProcess]
+                                                ) -> None:
+    gw = start_gateway(demo="true", **SHIPPED)
+    for headers in ({}, {"authorization": "Bearer guess"}):
+        answer = httpx.post(f"{gw.url}/_demo/v1/images/generations", headers=headers,
+                            json={"prompt": "x", "n": 1_000_000})
+        assert answer.status_code == 404
+    off = start_gateway()
+    assert httpx.post(f"{off.url}/_demo/v1/images/generations", json={}).status_code == 404

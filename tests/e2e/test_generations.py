@@ -65,6 +65,9 @@ def test_the_2_6_fields_on_a_generation(start_gateway: Callable[..., GatewayProc
     (b'["prompt"]', {}, 400, "invalid_json", None),
     (b'{"prompt": "x", "n": [1]}', {}, 400, "invalid_type", "n"),
     (b'{"prompt": "x", "n": 1.5}', {}, 400, "invalid_type", "n"),
+    (b'{"prompt": "x", "n": NaN}', {}, 400, "invalid_type", "n"),
+    (b'{"prompt": "x", "user": ' + b"[" * 1500 + b"]" * 1500 + b"}", {}, 400, "invalid_json",
+     None),
     (b'{"prompt": "x", "image": "a"}', {}, 400, "unknown_parameter", "image"),
     (b'{"prompt": "x"}', {"content-type": "text/plain"}, 400, "invalid_content_type", None),
     (b'{"prompt": "' + b"x" * 5000 + b'"}', {}, 413, "request_too_large", None),
@@ -79,6 +82,14 @@ def test_bad_bodies_are_refused_in_openai_shape(start_gateway: Callable[..., Gat
     error = answer.json()["error"]
     assert (answer.status_code, error["code"], error["param"]) == (status, code, param)
     assert upstream.records == []
+
+
+def test_a_lone_surrogate_is_sent_escaped(client: openai.OpenAI, upstream: FakeUpstream) -> None:
+    answer = httpx.post(f"{client.base_url}images/generations", content=b'{"prompt": "x\\ud800"}',
+                        headers={"content-type": "application/json"})
+    assert answer.status_code == 200
+    assert upstream.last().json == {"model": "gpt-image-1", "prompt": "x\ud800", "n": 1,
+                                    "size": "auto", "quality": "auto", "output_format": "png"}
 
 
 def test_generations_spend_the_same_quota_and_show_in_the_metrics(

@@ -81,6 +81,15 @@ def test_an_alias_to_a_model_not_served_is_one_start_up_error() -> None:
         _catalog(aliases={"x": "gpt-image-1.5"})
     with pytest.raises(SettingsError, match="default_model"):
         _catalog(default_model="gpt-image-1")
+    with pytest.raises(SettingsError, match="itself an alias"):
+        _catalog(aliases={"a": "b", "b": "gpt-image-2"})
+    # A retired model names a replacement the operator switched off: still a valid catalog.
+    _catalog(models={"gpt-image-2.5-sunburst": {"enabled": False}})
+    # A model with a shutdown date ahead, as the default: served, and announced at start-up.
+    ahead = _catalog(default_model="soon",
+                     models={"soon": {"extends": "gpt-image-2", "shutdown_date": "2099-01-01",
+                                      "replacement": "gpt-image-2"}})
+    assert [(role, spec.name) for role, spec in ahead.retiring()] == [("default_model", "soon")]
 
 
 def _judge(catalog: Catalog, fields: dict[str, str], *, mask: bool = False) -> dict[str, str]:
@@ -108,6 +117,9 @@ def test_gif_output_on_the_2_6_models(catalog: Catalog) -> None:
     # Frames share one image's pixel budget: 9 of 1024x1024 are over it.
     err = _refused(catalog, {**gif, "frame_count": "9", "size": "1024x1024"})
     assert err.param == "frame_count"
+    # ... also when the client leaves the count to the provider's default (9).
+    assert _refused(catalog, {**gif, "size": "3840x2160"}).param == "size"
+    assert _judge(catalog, {**gif, "size": "auto", "frame_count": "16"})["size"] == "auto"
     assert _refused(catalog, {"model": "gpt-image-2.6-flare", "frame_count": "4"}).param == \
         "frame_count"  # GIF only
     assert _refused(catalog, {**gif, "frame_count": "17"}).code == "integer_out_of_range"

@@ -389,3 +389,14 @@ def test_svg_usage_in_completed_events_adds_up() -> None:
                  ("image_generation.completed", {"usage": {"total_tokens": 50}}))
     meter = meter_of(bytewise(events), sse=True)
     assert (meter.images, usage.charged_tokens(meter.usage)) == (2, 100 + 50 + 930)
+
+
+def test_counts_are_whole_non_negative_and_bounded() -> None:
+    answer = json.dumps({"data": [{"b64_json": "A"}], "usage": {
+        "total_tokens": -5000, "input_tokens": 1500.0, "output_tokens": 10**30,
+        "input_tokens_details": {"text_tokens": True, "image_tokens": 2.5}},
+        "svg_usage": {"total_tokens": -1}}).encode()
+    meter = meter_of(answer)
+    assert meter.usage == {"total_tokens": 0, "input_tokens": 1500, "output_tokens": 2**53,
+                           "svg_total_tokens": 0}
+    assert usage.charged_tokens(meter.usage) == 0
