@@ -13,6 +13,8 @@ from gateway.catalog import ModelSpec
 from gateway.errors import InvalidRequest
 from gateway.images.client import Client
 
+_TEXT = frozenset({"model", "prompt"})  # strings in OpenAI's schema, whatever the catalog says
+
 
 def is_json(content_type: str) -> bool:
     kind = content_type.split(";", 1)[0].strip().lower()
@@ -44,6 +46,9 @@ def fields_of(body: Mapping[str, Any]) -> dict[str, str]:
     for name, value in body.items():
         if value is None:
             continue
+        if name in _TEXT and not isinstance(value, str):
+            raise InvalidRequest(f"Invalid type for '{name}': expected a string.", param=name,
+                                 code="invalid_type")
         if isinstance(value, bool):
             fields[name] = "true" if value else "false"
         elif isinstance(value, str):

@@ -66,6 +66,7 @@ def test_the_2_6_fields_on_a_generation(start_gateway: Callable[..., GatewayProc
     (b'{"prompt": "x", "n": [1]}', {}, 400, "invalid_type", "n"),
     (b'{"prompt": "x", "n": 1.5}', {}, 400, "invalid_type", "n"),
     (b'{"prompt": "x", "n": NaN}', {}, 400, "invalid_type", "n"),
+    (b'{"prompt": 123}', {}, 400, "invalid_type", "prompt"),
     (b'{"prompt": "x", "user": ' + b"[" * 1500 + b"]" * 1500 + b"}", {}, 400, "invalid_json",
      None),
     (b'{"prompt": "x", "image": "a"}', {}, 400, "unknown_parameter", "image"),
