@@ -18,10 +18,12 @@ from gateway.keyadmin.ops import usage_view
 def api_router(catalog: Catalog, admission: Admission, *, metrics_route: bool) -> APIRouter:
     router = APIRouter()
 
-    async def allowed_models(request: Request) -> tuple[str, ...]:
-        """The models the caller's key may use (all, on an open gateway); 401 without a key."""
+    async def allowed_models(request: Request) -> set[str]:
+        """The models the caller's key may use, an alias in its list standing for its target
+        too, as the image routes take them (empty: every model); 401 without a key."""
         principal = await admission.authenticate(request.headers.get("authorization"))
-        return principal.models
+        names = set(principal.models)
+        return names | {catalog.aliases[name] for name in names if name in catalog.aliases}
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> dict[str, object]:
@@ -32,12 +34,15 @@ def api_router(catalog: Catalog, admission: Admission, *, metrics_route: bool) -
     @router.get("/v1/models/{model:path}")
     async def get_model(model: str, request: Request) -> dict[str, object]:
         allowed = await allowed_models(request)
-        spec = catalog.models.get(model)
-        if spec is None or (allowed and model not in allowed):
+        target = catalog.aliases.get(model, model)
+        # A catalog name shows its own entry (a retired one its shutdown date, while an alias
+        # keeps it answering); an alias name its target's, under the alias's id.
+        spec = catalog.models.get(model) or catalog.models.get(target)
+        if spec is None or (allowed and model not in allowed and target not in allowed):
             raise NotFound(f"The model '{model}' does not exist.", param="model",
                            code="model_not_found")
-        catalog.resolve(model)  # 404 naming the replacement once it is shut down
-        return _model(spec)
+        catalog.resolve(model)  # 404 naming the replacement once it is shut down, unless aliased
+        return _model(spec) | {"id": model}
 
     @router.get("/v1/usage")
     async def usage(request: Request) -> dict[str, object]:

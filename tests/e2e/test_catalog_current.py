@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import GatewayProcess
 from tests.support.fake_upstream import FakeUpstream
-from tests.support.helpers import scrape, value
+from tests.support.helpers import make_key, scrape, value
 from tests.support.images import png
 
 SHIPPED = {"catalog_file": str(Path(__file__).parents[2] / "gateway" / "catalog.toml"),
@@ -106,3 +106,19 @@ def test_an_alias_is_served_by_its_target(aliased: GatewayProcess, upstream: Fak
         time.sleep(0.05)
     [line] = lines
     assert (line["model"], line["requested_model"]) == ("gpt-image-2.6-flare", "gpt-image-1")
+
+
+def test_models_with_aliases_and_a_key_limited_by_name(
+        keyed: Callable[..., GatewayProcess], redis_url: str) -> None:
+    gw = keyed('[aliases]\n"legacy" = "gpt-image-2"\n"gpt-image-1" = "gpt-image-2.6-flare"\n',
+               **SHIPPED)
+    _, secret = make_key(redis_url, models=("legacy", "gpt-image-1"))
+    headers = {"authorization": f"Bearer {secret}"}
+    listed = [m["id"] for m in httpx.get(f"{gw.url}/v1/models", headers=headers).json()["data"]]
+    assert sorted(listed) == ["gpt-image-2", "gpt-image-2.6-flare"]  # the aliases' targets
+    legacy = httpx.get(f"{gw.url}/v1/models/legacy", headers=headers).json()
+    assert (legacy["id"], legacy["shutdown_date"]) == ("legacy", None)
+    old = httpx.get(f"{gw.url}/v1/models/gpt-image-1", headers=headers).json()
+    assert old["shutdown_date"] == "2026-10-23"  # retired, still answering through the alias
+    assert httpx.get(f"{gw.url}/v1/models/gpt-image-2.5-flare",
+                     headers=headers).status_code == 404  # not in the key's list
