@@ -254,6 +254,7 @@ class Catalog:
         self.passthrough = passthrough
         self.aliases = dict(aliases or {})
         self.today = today
+        self._folded = {n.casefold(): n for n in (*self.models, *self.disabled, *self.aliases)}
         # Fields some model takes: a field outside this set is "unknown", inside it "unsupported".
         self.known_fields = frozenset(f for m in self.models.values() for f in m.fields)
         self._fields_closed = passthrough is None and not any(
@@ -293,6 +294,10 @@ class Catalog:
             raise NotFound(f"The model '{name}' does not exist or you do not have access to it.",
                            param="model", code="model_not_found")
         if self.passthrough is not None and name:
+            known = self._folded.get(name.casefold())
+            if known is not None:  # a catalog model in other letters must not skip its rules
+                raise InvalidRequest(f"Invalid value: '{name}'. Did you mean '{known}'?",
+                                     param="model")
             return self.passthrough.model_copy(update={"name": name})
         choices = ", ".join(f"'{m.name}'" for m in self.served())
         raise InvalidRequest(f"Invalid value: '{name}'. Supported values are: {choices}.",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import email.utils
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -444,7 +445,8 @@ def alias_headers(catalog: Catalog, requested: str, spec: ModelSpec) -> list[tup
     old = catalog.models.get(requested)
     if old is not None and old.shutdown_date is not None:
         when = dt.datetime.combine(old.shutdown_date, dt.time(), dt.UTC)
-        headers.append((b"deprecation", f"@{int(when.timestamp())}".encode()))
+        headers += [(b"deprecation", f"@{int(when.timestamp())}".encode()),
+                    (b"sunset", email.utils.format_datetime(when, usegmt=True).encode())]  # RFC 8594
     return headers
 
 

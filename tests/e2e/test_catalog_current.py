@@ -94,6 +94,7 @@ def test_an_alias_is_served_by_its_target(aliased: GatewayProcess, upstream: Fak
     assert upstream.last().field("complexity") == "low"  # judged by the target's rules
     assert raw.headers["x-served-model"] == "gpt-image-2.6-flare"
     assert raw.headers["deprecation"] == "@1792713600"  # 2026-10-23, RFC 9745
+    assert raw.headers["sunset"] == "Fri, 23 Oct 2026 00:00:00 GMT"  # RFC 8594
     samples = scrape(f"{aliased.url}/metrics")
     assert value(samples, "gateway_model_alias_requests_total", alias="gpt-image-1",
                  model="gpt-image-2.6-flare") == 1

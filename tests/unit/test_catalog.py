@@ -76,6 +76,14 @@ def test_an_alias_is_judged_by_its_target_and_sent_under_its_name() -> None:
         "gpt-image-2.6-flare"
 
 
+def test_a_catalog_name_in_other_letters_is_not_passed_through() -> None:
+    catalog = _catalog(unknown_models="pass")
+    assert catalog.resolve("some-other-model").open_fields  # unknown names pass through ...
+    for name in ("GPT-IMAGE-1", "Gpt-Image-2"):  # ... but not a catalog model's, unjudged
+        with pytest.raises(InvalidRequest, match="Did you mean"):
+            catalog.resolve(name)
+
+
 def test_an_alias_to_a_model_not_served_is_one_start_up_error() -> None:
     with pytest.raises(SettingsError, match=r"aliases\.x: 'gpt-image-1\.5' is not a model"):
         _catalog(aliases={"x": "gpt-image-1.5"})
