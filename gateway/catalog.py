@@ -196,8 +196,9 @@ class ModelSpec(BaseModel):
         return self.max_images * self.max_image_bytes + mask
 
     def check_combination(self, values: Mapping[str, str], sent: Iterable[str]) -> None:
-        """Cross-field rules (`requires`, `forbids`, `pixel_budget`) for the fields the client
-        sent. `values` holds the defaults too, and "mask" when a mask file was sent."""
+        """Cross-field rules (`requires`, `forbids`) for the fields the client sent, and every
+        `pixel_budget` that applies (sent or not: the provider's own count fills in). `values`
+        holds the defaults too, and "mask" when a mask file was sent."""
         sent = list(sent)
         for name in sent:
             rule = self.fields.get(name)
