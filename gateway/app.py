@@ -59,27 +59,30 @@ class Gateway:
 
     async def _api(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The other routes, each answer with its request id; API requests are counted too
-        (health checks and scrapes are not)."""
+        (health checks and scrapes are not, and build no record)."""
         rid = request_id(headers_of(scope))
+        header = (b"x-request-id", rid.encode())
         path = scope["path"]
         endpoint = ("/v1/models" if path.startswith("/v1/models") else path) \
             if path.startswith("/v1/") else None
-        rec = metrics.RequestRecord(endpoint or "", time.perf_counter(), request_id=rid)
+        start = time.perf_counter()
+        status = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
-                rec.status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
         try:
             await self.api(scope, receive, send_with_id)
         finally:
             if endpoint is not None:
-                if rec.status == 404:
-                    rec.endpoint = "other"
-                if rec.status >= 400:
-                    rec.rejection = metrics.rejection_reason(rec.status, None)
+                rec = metrics.RequestRecord(endpoint if status != 404 else "other", start,
+                                            request_id=rid, status=status)
+                if status >= 400:
+                    rec.rejection = metrics.rejection_reason(status, None)
                 access.api_request(rec, scope["method"])
 
 
