@@ -202,7 +202,8 @@ class ImageFlow:
         """Give back what the reading holds (spooled bytes)."""
 
     def _prompt(self) -> str | None:
-        return self.judged.values["prompt"] if self.judged is not None else None
+        """The prompt for the access log, once judged (also when a later field failed)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ shared by every route
     async def _exchange(self, body: AsyncIterator[bytes], content_type: str, ticket: Ticket,
@@ -424,7 +425,7 @@ class Generation(ImageFlow):
         fields = jsonbody.fields_of(body)
         spec, requested, allowed_as = rules.judge_model(catalog, principal.models, fields)
         self.prompt = rules.judge_prompt(spec, fields.get("prompt"))
-        judged = rules.judge_fields(catalog, spec, fields, route=GENERATIONS)
+        judged = rules.judge_fields(catalog, spec, fields, route=GENERATIONS, prompt=self.prompt)
         assert judged is not None
         judged.requested, judged.allowed_as = requested, allowed_as
         self.judged = judged

@@ -168,7 +168,8 @@ class EditForm:
         spec, requested, allowed_as = rules.judge_model(self.catalog, self.allowed_models,
                                                         self.fields)
         self.prompt = rules.judge_prompt(spec, self.fields.get("prompt"))
-        judged = rules.judge_fields(self.catalog, spec, self.fields, final=final)
+        judged = rules.judge_fields(self.catalog, spec, self.fields, final=final,
+                                    prompt=self.prompt)
         if judged is None:
             return None
         judged.requested, judged.allowed_as = requested, allowed_as

@@ -85,11 +85,14 @@ def judge_model(catalog: Catalog, allowed_models: tuple[str, ...], fields: Mappi
 
 
 def judge_fields(catalog: Catalog, spec: ModelSpec, fields: Mapping[str, str], *,
-                 final: bool = True, route: str = EDITS) -> Judged | None:
-    """Every field as sent so far, for a model whose prompt is judged; None when not `final`
-    and the fields' combination is not valid yet (a later field may still fix it)."""
-    judged = Judged(spec, {"model": spec.upstream_model or spec.name,
-                           "prompt": judge_prompt(spec, fields.get("prompt"))})
+                 final: bool = True, route: str = EDITS, prompt: str | None = None
+                 ) -> Judged | None:
+    """Every field as sent so far; None when not `final` and the fields' combination is not
+    valid yet (a later field may still fix it). `prompt`: the prompt a caller already judged
+    (it keeps it for the access log even when a later field fails)."""
+    if prompt is None:
+        prompt = judge_prompt(spec, fields.get("prompt"))
+    judged = Judged(spec, {"model": spec.upstream_model or spec.name, "prompt": prompt})
     for name, raw in fields.items():
         if name not in judged.values:
             judged.values[name] = normalize(catalog, spec, name, raw, route)
