@@ -74,3 +74,12 @@ def test_nothing_asks_which_admission_or_principal_it_holds() -> None:
             if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "isinstance":
                 text = ast.unparse(node)
                 assert "Admission" not in text and "Principal" not in text, (path, text)
+
+
+def test_the_data_flow_has_no_back_and_forth() -> None:
+    """The body writer frames and judges nothing; the client's side (where error answers are
+    written) and the relay know neither the rules nor admission."""
+    judging = {"gateway.images.rules", "gateway.images.form"}  # (the catalog is data)
+    assert not IMPORTS["gateway.images.outgoing"] & judging
+    for module in ("gateway.images.client", "gateway.images.relay"):
+        assert not IMPORTS[module] & (judging | {"gateway.admission"}), module
